@@ -1,0 +1,87 @@
+"""The seam between the decoder and KOFF: what outside code may inject into a forward.
+
+The decoder knows nothing of gates, domains or optimisers. It accepts a `Hooks`
+value whose fields are all optional; a field left as `None` costs nothing (the
+corresponding branch is not traced). Every field has a leading layer axis so the
+decoder can scan over layers.
+
+- `head_scale [L, H]`: multiplies each query head's context vector before `o_proj`
+  (pruning gate or mask of attention heads).
+- `neuron_scale [L, F]`: multiplies each MLP neuron `act(gate) * up` before
+  `down_proj` (pruning gate or mask of MLP neurons).
+- `memory_k`, `memory_v [B, L, M, Hkv, Dh]`: extra key/value slots per layer and
+  example that every query of that layer attends to, in sliding-window layers too.
+  Memory keys are used exactly as given: no RoPE is applied to them at attention
+  time. Keys taken from the model's own KV cache (the default initialisation)
+  therefore carry the positions they were computed at, baked in.
+- `lora[name]`: an additive low-rank delta `x @ a @ b * scale` on projection `name`
+  (one of `PROJECTIONS`), per example: `a [B, L, in, r]`, `b [B, L, r, out]` with
+  the flat in/out sizes of that projection. The `down` and `o` deltas see the same
+  (already scaled) input as the projection itself, so a pruned unit contributes
+  nothing through its adapter either and compaction stays exact.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+from flax import struct
+
+from sparsemem.models.config import ModelConfig
+
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def projection_shape(cfg: ModelConfig, name: str) -> tuple[int, int]:
+    """Flat (in, out) feature sizes of projection `name` for LoRA deltas."""
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    shapes = {"q": (cfg.d_model, q), "k": (cfg.d_model, kv), "v": (cfg.d_model, kv), "o": (q, cfg.d_model),
+              "gate": (cfg.d_model, cfg.d_ff), "up": (cfg.d_model, cfg.d_ff), "down": (cfg.d_ff, cfg.d_model)}
+    if name not in shapes:
+        raise ValueError(f"Unknown projection {name!r}; choose from {PROJECTIONS}")
+    return shapes[name]
+
+
+@struct.dataclass
+class LoRADelta:
+    """Per-example low-rank delta on one projection: `x @ a @ b * scale`."""
+
+    a: jax.Array  # [B, L, in, r]
+    b: jax.Array  # [B, L, r, out]
+    scale: float = struct.field(pytree_node=False, default=1.0)
+
+
+@struct.dataclass
+class Hooks:
+    """Optional per-layer interventions in the decoder forward (see module docstring)."""
+
+    head_scale: jax.Array | None = None
+    neuron_scale: jax.Array | None = None
+    memory_k: jax.Array | None = None
+    memory_v: jax.Array | None = None
+    lora: Mapping[str, LoRADelta] = struct.field(default_factory=dict)
+
+    def __post_init__(self):
+        if (self.memory_k is None) != (self.memory_v is None):
+            raise ValueError("Hooks.memory_k and Hooks.memory_v must be given together")
+        unknown = set(self.lora) - set(PROJECTIONS)
+        if unknown:
+            raise ValueError(f"Unknown LoRA projection(s) {sorted(unknown)}; choose from {PROJECTIONS}")
+
+    def per_layer(self) -> dict:
+        """The hook arrays with the layer axis first, ready for `lax.scan` over layers."""
+        out: dict = {}
+        if self.head_scale is not None:
+            out["head_scale"] = self.head_scale
+        if self.neuron_scale is not None:
+            out["neuron_scale"] = self.neuron_scale
+        if self.memory_k is not None:
+            out["memory_k"] = jax.numpy.moveaxis(self.memory_k, 1, 0)
+            out["memory_v"] = jax.numpy.moveaxis(self.memory_v, 1, 0)
+        for name, delta in self.lora.items():
+            out[f"lora_{name}"] = (jax.numpy.moveaxis(delta.a, 1, 0), jax.numpy.moveaxis(delta.b, 1, 0))
+        return out
+
+    def lora_scale(self, name: str) -> float:
+        return self.lora[name].scale
