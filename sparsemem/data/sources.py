@@ -1,0 +1,113 @@
+"""Domains of text for the pipeline: a name plus random-access records holding a text field.
+
+A `DomainSource` is what `pipeline.train_batches`/`eval_batches` consume; the domain
+id of a row is the source's position in the list passed there. Constructors here
+cover the LibreOffice help (per language, optionally the aligned view), user text
+folders and TFDS catalogue datasets such as `wiki40b/de`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping, Sequence
+
+import tensorflow_datasets as tfds
+import tqdm
+
+from sparsemem.data import libreoffice_help, text_folder
+
+_KEY_READ_CHUNK = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class DomainSource:
+    """One domain's documents: `records[i][text_key]` is the text (str or utf-8 bytes) of document i."""
+
+    name: str
+    records: Sequence[Mapping[str, Any]]
+    text_key: str = "text"
+
+    def __post_init__(self):
+        if len(self.records) == 0:
+            raise ValueError(f"Domain {self.name!r} has no documents; check its corpus and split")
+
+
+class SubsetRecords(Sequence):
+    """The records of `records` at `indices`, in that order (a view, nothing is copied)."""
+
+    def __init__(self, records: Sequence, indices: Sequence[int]):
+        self._records, self._indices = records, list(indices)
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, index: int):
+        return self._records[self._indices[index]]
+
+
+def _decode(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def read_field(records: Sequence, field: str, desc: str = "") -> list[str]:
+    """`field` of every record, read in chunks (array_record sources are fastest read in bulk)."""
+    values = []
+    for start in tqdm.trange(0, len(records), _KEY_READ_CHUNK, desc=f"Reading {field} ({desc})", unit="chunk",
+                             leave=False):
+        indices = range(start, min(start + _KEY_READ_CHUNK, len(records)))
+        chunk = records.__getitems__(list(indices)) if hasattr(records, "__getitems__") else [records[i] for i in indices]
+        values.extend(_decode(record[field]) for record in chunk)
+    return values
+
+
+def aligned_indices(records_by_language: Mapping[str, Sequence]) -> dict[str, list[int]]:
+    """Per language, the indices of the paragraphs present in every language, in one common order.
+
+    Paragraphs are matched by (page id, paragraph id); position i of every returned
+    list is the same paragraph in each language.
+    """
+    index_by_key = {}
+    for language, records in records_by_language.items():
+        pages = read_field(records, "page_id", language)
+        paragraphs = read_field(records, "paragraph_id", language)
+        index_by_key[language] = {(page, paragraph): i for i, (page, paragraph) in enumerate(zip(pages, paragraphs))}
+    common = sorted(set.intersection(*(set(keys) for keys in index_by_key.values())))
+    return {language: [keys[key] for key in common] for language, keys in index_by_key.items()}
+
+
+def libreoffice_sources(languages: Sequence[str], split: str, *, aligned: bool = False,
+                        data_dir: str | os.PathLike | None = None,
+                        manual_dir: str | os.PathLike | None = None) -> list[DomainSource]:
+    """One domain per language of the LibreOffice help (built and cached on first use).
+
+    With `aligned=True` each domain keeps only the paragraphs translated in every one
+    of `languages`, in the same order, so domain i's record j translates domain k's record j.
+    """
+    records = {language: libreoffice_help.load_split(language, split, data_dir, manual_dir) for language in languages}
+    if aligned:
+        indices = aligned_indices(records)
+        records = {language: SubsetRecords(records[language], indices[language]) for language in languages}
+    return [DomainSource(language, records[language]) for language in languages]
+
+
+def text_folder_sources(root: str | os.PathLike, split: str, *,
+                        data_dir: str | os.PathLike | None = None) -> list[DomainSource]:
+    """One domain per sub-folder (or file) of a user corpus folder (built and cached on first use)."""
+    folder_builder = text_folder.prepare(root, data_dir)
+    records = folder_builder.as_data_source(split=split)
+    domains = read_field(records, "domain", os.fspath(root))
+    names = folder_builder.builder_config.domains
+    return [DomainSource(name, SubsetRecords(records, [i for i, domain in enumerate(domains) if domain == name]))
+            for name in names]
+
+
+def catalog_source(name: str, split: str, *, text_key: str = "text", domain: str | None = None,
+                   data_dir: str | os.PathLike | None = None) -> DomainSource:
+    """A TFDS catalogue dataset as one domain, e.g. `catalog_source("wiki40b/de", "train")`.
+
+    The dataset must be prepared in array_record format (`tfds build --file_format=array_record`),
+    since reading other formats needs TensorFlow.
+    """
+    records = tfds.data_source(name, split=split, data_dir=os.fspath(data_dir) if data_dir else None, download=False)
+    return DomainSource(domain or name, records, text_key)
