@@ -77,6 +77,8 @@ class LibreofficeHelp(tfds.core.GeneratorBasedBuilder):
         by_split = {name: [] for name in splits.SPLITS}
         for page_id, paragraphs in pages.items():
             by_split[splits.split_of(page_id)].append((page_id, paragraphs))
+        splits.check_all_splits_filled({name: sum(len(p) for _, p in pages) for name, pages in by_split.items()},
+                                       f"LibreOffice help tree {tree}")
         return {name: self._generate_examples(language, page_list) for name, page_list in by_split.items()}
 
     def _generate_examples(self, language, pages):

@@ -22,3 +22,12 @@ def split_of(document_id: str, fractions: tuple[float, float, float] = DEFAULT_F
     if unit < fractions[0]:
         return "train"
     return "validation" if unit < fractions[0] + fractions[1] else "test"
+
+
+def check_all_splits_filled(counts: dict[str, int], corpus: str) -> None:
+    """Raise if a split got no documents (TFDS cannot write an empty split), naming the fix."""
+    empty = [name for name in SPLITS if not counts.get(name)]
+    if empty:
+        raise ValueError(f"{corpus} has no documents in split(s) {', '.join(empty)} ({sum(counts.values())} "
+                         f"documents in all, split {DEFAULT_FRACTIONS} by a hash of their ids); add documents "
+                         "(a few hundred make every split non-empty)")

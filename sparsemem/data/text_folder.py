@@ -119,6 +119,8 @@ class TextFolder(tfds.core.GeneratorBasedBuilder):
             log.warning("text_folder %s: skipped empty documents per domain: %s", config.root, dict(skipped))
         if not any(by_split.values()):
             raise ValueError(f"Corpus folder {config.root} holds only empty documents; add text")
+        splits.check_all_splits_filled({name: len(docs) for name, docs in by_split.items()},
+                                       f"Corpus folder {config.root}")
         self.info.metadata["skipped_empty_documents"] = dict(skipped)
         return {name: self._generate_examples(documents) for name, documents in by_split.items()}
 
