@@ -1,0 +1,80 @@
+"""Hyper-parameters of a KOFF run (gates, sparsity constraint, memory table, optimiser)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from sparsemem.models.hooks import PROJECTIONS
+
+
+@dataclasses.dataclass(frozen=True)
+class KoffConfig:
+    """Everything KOFF adds on top of a frozen decoder; `ModelConfig` describes the decoder."""
+
+    num_domains: int
+    # Sparsity constraint: the target is reached linearly over the first
+    # `warmup_fraction * total_steps` steps and measured over `sparsity_over` params.
+    target_sparsity: float = 0.12
+    sparsity_over: Literal["prunable", "all"] = "prunable"
+    total_steps: int = 1000
+    warmup_fraction: float = 0.3
+    block_gates: bool = False  # also gate whole attention / MLP blocks per layer
+    init_keep_prob: float = 0.99  # P(unit kept) at initialisation: "almost surely kept"
+    # Memory table: M KV slots per layer and KV head, LoRA of rank r on `lora_targets`.
+    memory_slots: int = 16
+    memory_init: Literal["prefill", "random"] = "prefill"
+    memory_init_std: float = 1.0  # std of randomly initialised memory keys/values
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("q", "v")
+    # Objective and optimisation.
+    kl_weight: float = 0.0
+    loss_chunk: int = 1024  # tokens per chunk of the CE/KL losses (bounds [chunk, V] logits)
+    gate_lr: float = 0.05
+    memory_lr: float = 1e-3
+    lambda_lr: float = 0.05
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    accum_steps: int = 1
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"  # trainables stay float32
+    remat: Literal["none", "full", "dots"] = "none"  # decoder layer rematerialisation
+    seed: int = 0
+
+    def __post_init__(self):
+        problems = []
+        if self.num_domains < 1:
+            problems.append(f"num_domains={self.num_domains} must be >= 1")
+        if not 0.0 <= self.target_sparsity < 1.0:
+            problems.append(f"target_sparsity={self.target_sparsity} must be in [0, 1)")
+        if self.sparsity_over not in ("prunable", "all"):
+            problems.append(f"sparsity_over={self.sparsity_over!r} must be 'prunable' or 'all'")
+        if not 0.0 <= self.warmup_fraction <= 1.0:
+            problems.append(f"warmup_fraction={self.warmup_fraction} must be in [0, 1]")
+        if not 0.0 < self.init_keep_prob < 1.0:
+            problems.append(f"init_keep_prob={self.init_keep_prob} must be in (0, 1)")
+        if self.memory_slots < 0 or self.lora_rank < 0:
+            problems.append("memory_slots and lora_rank must be >= 0")
+        if self.lora_targets and self.lora_rank == 0:
+            problems.append(f"lora_targets={self.lora_targets} need lora_rank > 0 (or set lora_targets=())")
+        unknown = set(self.lora_targets) - set(PROJECTIONS)
+        if unknown:
+            problems.append(f"unknown lora_targets {sorted(unknown)}; choose from {PROJECTIONS}")
+        if self.memory_init not in ("prefill", "random"):
+            problems.append(f"memory_init={self.memory_init!r} must be 'prefill' or 'random'")
+        if self.accum_steps < 1 or self.total_steps < 1:
+            problems.append("accum_steps and total_steps must be >= 1")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            problems.append(f"compute_dtype={self.compute_dtype!r} must be 'float32' or 'bfloat16'")
+        if self.remat not in ("none", "full", "dots"):
+            problems.append(f"remat={self.remat!r} must be 'none', 'full' or 'dots'")
+        if problems:
+            raise ValueError("Invalid KoffConfig: " + "; ".join(problems))
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(round(self.warmup_fraction * self.total_steps))
+
+    def replace(self, **changes: Any) -> "KoffConfig":
+        return dataclasses.replace(self, **changes)

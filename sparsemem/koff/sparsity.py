@@ -1,0 +1,135 @@
+"""Parameter accounting for structured pruning, the sparsity target and the Lagrangian.
+
+Ownership of prunable parameters (DESIGN.md §1.4):
+- a query head owns its `q` rows and `o` columns (plus its q bias): `2*d*Dh (+Dh)`;
+- a KV head owns its `k`/`v` rows (plus biases) and goes only when *every* query
+  head of its group goes;
+- an MLP neuron owns its gate, up and down weights: `3*d`.
+Norms and embeddings are never pruned; they count only in sparsity over all params.
+With gates independent, P(KV head kept) = 1 - prod_group(1 - P(head kept)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparsemem.koff import gates as gates_lib
+from sparsemem.models.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamCounts:
+    """Per-unit parameter costs and totals of one decoder config."""
+
+    head: int
+    kv_head: int
+    neuron: int
+    prunable: int
+    total: int
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> "ParamCounts":
+        d, dh, L = cfg.d_model, cfg.head_dim, cfg.num_layers
+        head = 2 * d * dh + (dh if cfg.qkv_bias else 0)
+        kv_head = 2 * d * dh + (2 * dh if cfg.qkv_bias else 0)
+        neuron = 3 * d
+        prunable = L * (cfg.num_heads * head + cfg.num_kv_heads * kv_head + cfg.d_ff * neuron)
+        norms_per_layer = (4 if cfg.post_norms else 2) * d + (2 * dh if cfg.qk_norm else 0)
+        embeddings = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
+        total = prunable + L * norms_per_layer + d + embeddings
+        return cls(head=head, kv_head=kv_head, neuron=neuron, prunable=prunable, total=total)
+
+
+def keep_probs(log_alphas: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    return {name: gates_lib.keep_prob(la) for name, la in log_alphas.items()}
+
+
+def remaining_params(cfg: ModelConfig, keep: dict[str, jax.Array]) -> jax.Array:
+    """Expected number of prunable params left, given per-unit keep probabilities (or 0/1 masks)."""
+    counts = ParamCounts.of(cfg)
+    head, neuron = keep["head"], keep["neuron"]
+    attn = keep.get("attn", jnp.ones(head.shape[:1]))
+    mlp = keep.get("mlp", jnp.ones(neuron.shape[:1]))
+    groups = head.reshape(cfg.num_layers, cfg.num_kv_heads, cfg.group_size)
+    kv = attn[:, None] * (1.0 - jnp.prod(1.0 - groups, axis=-1))
+    return (counts.head * jnp.sum(attn[:, None] * head) + counts.kv_head * jnp.sum(kv)
+            + counts.neuron * jnp.sum(mlp[:, None] * neuron))
+
+
+def sparsity(cfg: ModelConfig, remaining: jax.Array, over: str = "prunable") -> jax.Array:
+    """Fraction of parameters removed, over the prunable params or over all params."""
+    counts = ParamCounts.of(cfg)
+    removed = counts.prunable - remaining
+    if over == "prunable":
+        return removed / counts.prunable
+    if over == "all":
+        return removed / counts.total
+    raise ValueError(f"sparsity over {over!r}: choose 'prunable' or 'all'")
+
+
+def expected_sparsity(cfg: ModelConfig, log_alphas: dict[str, jax.Array], over: str = "prunable") -> jax.Array:
+    return sparsity(cfg, remaining_params(cfg, keep_probs(log_alphas)), over)
+
+
+def target_at(step: jax.Array, target: float, warmup_steps: int) -> jax.Array:
+    """Sparsity target at `step`: linear from 0 to `target` over `warmup_steps`, then flat."""
+    if warmup_steps <= 0:
+        return jnp.asarray(target, jnp.float32)
+    return target * jnp.minimum(jnp.asarray(step, jnp.float32) / warmup_steps, 1.0)
+
+
+def deterministic_masks(cfg: ModelConfig, log_alphas: dict[str, jax.Array], target: jax.Array | float,
+                        over: str = "prunable") -> dict[str, jax.Array]:
+    """0/1 masks keeping the highest-scoring units so that the realised sparsity is closest to `target`.
+
+    Units (heads, neurons) are ranked by keep probability (times their block's).
+    Removing them lowest first, each costs its own params, and the last head of a
+    KV group removed also frees that KV head. We remove the prefix whose cumulative
+    cost is nearest to `target * (prunable or total params)`, so the realised
+    sparsity is within one unit's cost of the target. A block's mask is 1 while any
+    of its units is kept. Jittable.
+    """
+    counts = ParamCounts.of(cfg)
+    keep = keep_probs(log_alphas)
+    L, H, F = cfg.num_layers, cfg.num_heads, cfg.d_ff
+    head_score = keep["head"] * keep["attn"][:, None] if "attn" in keep else keep["head"]
+    neuron_score = keep["neuron"] * keep["mlp"][:, None] if "mlp" in keep else keep["neuron"]
+    scores = jnp.concatenate([head_score.reshape(-1), neuron_score.reshape(-1)])
+    order = jnp.argsort(scores, stable=True)
+    rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))
+    head_rank = rank[: L * H].reshape(L, cfg.num_kv_heads, cfg.group_size)
+    closes_group = head_rank == jnp.max(head_rank, axis=-1, keepdims=True)
+    unit_cost = jnp.concatenate([
+        (counts.head + counts.kv_head * closes_group).reshape(-1),
+        jnp.full((L * F,), counts.neuron)]).astype(jnp.float32)
+    removed = jnp.concatenate([jnp.zeros((1,)), jnp.cumsum(unit_cost[order])])
+    denominator = counts.prunable if over == "prunable" else counts.total
+    num_removed = jnp.argmin(jnp.abs(removed - jnp.asarray(target, jnp.float32) * denominator))
+    kept = (rank >= num_removed).astype(jnp.float32)
+    masks = {"head": kept[: L * H].reshape(L, H), "neuron": kept[L * H:].reshape(L, F)}
+    if "attn" in log_alphas:
+        masks["attn"] = jnp.max(masks["head"], axis=-1)
+    if "mlp" in log_alphas:
+        masks["mlp"] = jnp.max(masks["neuron"], axis=-1)
+    return masks
+
+
+class Multiplier(nnx.Param):
+    """A Lagrange multiplier; trained by gradient *ascent* at the multiplier learning rate."""
+
+
+class Lagrangian(nnx.Module):
+    """`lambda1 * (s - t) + lambda2 * (s - t)**2`, minimised by the gates, maximised by the lambdas."""
+
+    def __init__(self):
+        self.lambda1 = Multiplier(jnp.zeros(()), logical_axes=())
+        self.lambda2 = Multiplier(jnp.zeros(()), logical_axes=())
+
+
+def lagrangian(lambdas: dict[str, jax.Array], s_hat: jax.Array, target: jax.Array) -> jax.Array:
+    gap = s_hat - target
+    return lambdas["lambda1"] * gap + lambdas["lambda2"] * gap**2

@@ -1,0 +1,313 @@
+"""`KoffTrainer`: jitted, sharded init / train / eval steps for one decoder, config and mesh.
+
+One step (`train_step`):
+1. find the distinct domains of the batch and gather their memory rows, moments
+   and step counts (`[K, ...]`, K = min(B, D));
+2. over `accum_steps` micro-batches, sample the gates, run the decoder with
+   gates + the example's own memory, and accumulate gradients of the summed
+   token losses w.r.t. the gate logits and the gathered rows;
+3. add the Lagrangian's gradients, step the gates (Adam), the multipliers
+   (gradient ascent) and the gathered rows (row-sparse Adam), scatter the rows back.
+The backbone is an argument of the step, never donated, never differentiated.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sparsemem.koff import gates as gates_lib
+from sparsemem.koff import rowsparse, sparsity
+from sparsemem.koff.config import KoffConfig
+from sparsemem.koff.memory import distinct_rows, gather_rows, hooks_from_rows, prefill_kv, scatter_rows
+from sparsemem.koff.module import Koff, split
+from sparsemem.models.decoder import Decoder
+from sparsemem.models.hooks import Hooks
+from sparsemem.models.loss import token_cross_entropy, token_kl
+from sparsemem.parallel.mesh import make_mesh, state_shardings
+from sparsemem.parallel.rules import axis_rules, current_rules, named_sharding
+from sparsemem.train.state import TrainState
+
+BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+
+
+def _child(state: nnx.State) -> dict:
+    """The pure dict of the one submodule a filtered `Koff` state holds."""
+    (value,) = state.to_pure_dict().values()
+    return value
+
+
+class KoffTrainer:
+    """Owns the frozen backbone on the mesh and the jitted KOFF steps."""
+
+    def __init__(self, decoder: Decoder, kcfg: KoffConfig, mesh: Mesh | None = None, rules=None):
+        self.cfg = decoder.cfg
+        self.kcfg = kcfg
+        self.mesh = mesh if mesh is not None else make_mesh({"data": 1}, devices=jax.devices()[:1])
+        self.rules = current_rules() if rules is None else tuple(rules)
+        graphdef, backbone = nnx.split(decoder)
+        compute = nnx.merge(graphdef, backbone)  # a view with this run's dtype/remat; `decoder` is unchanged
+        compute.dtype = jnp.dtype(kcfg.compute_dtype)
+        compute.remat = kcfg.remat
+        self.decoder_def, backbone = nnx.split(compute)
+        with axis_rules(self.rules):
+            self.backbone_shardings = state_shardings(backbone, self.mesh)
+            koff_abstract = nnx.eval_shape(lambda: Koff(self.cfg, kcfg, rngs=nnx.Rngs(0)))
+            self.koff_def, groups = split(koff_abstract)
+            memory_sh = _child(state_shardings(groups["memory"], self.mesh))
+        self.backbone = jax.device_put(backbone, self.backbone_shardings)
+        self.gate_tx = optax.adam(kcfg.gate_lr, b1=kcfg.adam_b1, b2=kcfg.adam_b2, eps=kcfg.adam_eps)
+        self.lambda_tx = optax.sgd(kcfg.lambda_lr)  # fed negated gradients: ascent
+        self.counts = sparsity.ParamCounts.of(self.cfg)
+
+        rep = NamedSharding(self.mesh, PartitionSpec())
+        abstract = jax.eval_shape(self._fresh_state)
+        self.state_shardings = jax.tree.map(lambda _: rep, abstract).replace(
+            memory=memory_sh, memory_opt=rowsparse.RowAdamState(memory_sh, memory_sh, rep))
+        self.abstract_state = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, self.state_shardings)
+        self._init = jax.jit(self._fresh_state, out_shardings=self.state_shardings)
+        self._compiled: dict[str, Any] = {}
+
+    # -- state ------------------------------------------------------------
+    def _fresh_state(self) -> TrainState:
+        groups = split(Koff(self.cfg, self.kcfg, rngs=nnx.Rngs(self.kcfg.seed)))[1]
+        gates, memory, multipliers = (_child(groups[g]) for g in ("gates", "memory", "multipliers"))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(jax.random.key(self.kcfg.seed)),
+            gates=gates, memory=memory, multipliers=multipliers, gate_opt=self.gate_tx.init(gates),
+            lambda_opt=self.lambda_tx.init(multipliers),
+            memory_opt=rowsparse.init(memory, self.kcfg.num_domains))
+
+    def init(self, domain_tokens: np.ndarray | None = None) -> TrainState:
+        """A fresh state on the mesh; KV memory from the frozen model's cache over `domain_tokens [D, M]`."""
+        state = self._init()
+        if self.kcfg.memory_init == "prefill" and self.kcfg.memory_slots:
+            k, v = self._prefill(domain_tokens, self.kcfg.num_domains)
+            state = state.replace(memory={**state.memory, "k": jax.device_put(k, self.state_shardings.memory["k"]),
+                                          "v": jax.device_put(v, self.state_shardings.memory["v"])})
+        return state
+
+    def _prefill(self, domain_tokens, num_domains: int):
+        M = self.kcfg.memory_slots
+        if domain_tokens is None:
+            raise ValueError("memory_init='prefill' needs domain_tokens: the first memory_slots tokens of each "
+                             "domain's text, shape [num_domains, memory_slots]; or set memory_init='random'")
+        tokens = np.asarray(domain_tokens)
+        if tokens.shape != (num_domains, M):
+            raise ValueError(f"domain_tokens has shape {tokens.shape}, expected ({num_domains}, {M}) "
+                             "(one row of memory_slots tokens per domain)")
+        with jax.set_mesh(self.mesh), axis_rules(self.rules):
+            return prefill_kv(nnx.merge(self.decoder_def, self.backbone), jnp.asarray(tokens, jnp.int32))
+
+    def grow(self, old: TrainState, domain_tokens: np.ndarray | None = None) -> TrainState:
+        """This trainer's (larger) table holding `old`'s rows unchanged, new rows freshly initialised.
+
+        Gates, multipliers, optimiser states, step and RNG carry over; the new domains'
+        rows start like any fresh row (prefill from `domain_tokens [new, M]` or random).
+        """
+        old_d, new_d = old.num_domains, self.kcfg.num_domains
+        if new_d <= old_d:
+            raise ValueError(f"grow() needs a larger table: trainer has {new_d} domains, state has {old_d}")
+        fresh = self.init(None) if self.kcfg.memory_init == "random" or not self.kcfg.memory_slots else None
+        if fresh is None:
+            fresh = self._init()
+            k, v = self._prefill(domain_tokens, new_d - old_d)
+            fresh = fresh.replace(memory={**fresh.memory, "k": fresh.memory["k"].at[old_d:].set(k),
+                                          "v": fresh.memory["v"].at[old_d:].set(v)})
+        put = lambda new, prev: new.at[:old_d].set(prev)  # noqa: E731
+        state = old.replace(
+            memory=jax.tree.map(put, fresh.memory, old.memory),
+            memory_opt=jax.tree.map(put, fresh.memory_opt, old.memory_opt))
+        return jax.device_put(state, self.state_shardings)
+
+    # -- batches ------------------------------------------------------------
+    def place_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Check a host batch and put it on the mesh, sharded along `batch`."""
+        missing = [k for k in BATCH_KEYS + ("domain",) if k not in batch]
+        if missing:
+            raise ValueError(f"batch lacks {missing}; a batch has {BATCH_KEYS} [B, T] and domain [B]")
+        b, t = np.shape(batch["inputs"])
+        for key in BATCH_KEYS:
+            if np.shape(batch[key]) != (b, t):
+                raise ValueError(f"batch[{key!r}] has shape {np.shape(batch[key])}, expected {(b, t)}")
+        domain = np.asarray(batch["domain"])
+        if domain.shape != (b,):
+            raise ValueError(f"batch['domain'] has shape {domain.shape}, expected ({b},)")
+        if domain.min() < 0 or domain.max() >= self.kcfg.num_domains:
+            raise ValueError(f"unknown domain id {int(domain.max() if domain.max() >= 0 else domain.min())}: "
+                             f"the memory table has {self.kcfg.num_domains} domains (0..{self.kcfg.num_domains - 1})")
+        if b % self.kcfg.accum_steps:
+            raise ValueError(f"batch size {b} is not a multiple of accum_steps={self.kcfg.accum_steps}")
+        out = {}
+        with axis_rules(self.rules):
+            for key in BATCH_KEYS + ("domain",):
+                value = np.asarray(batch[key], np.int32 if key != "loss_mask" else np.float32)
+                out[key] = jax.device_put(value, named_sharding(self.mesh, ("batch",) + (None,) * (value.ndim - 1),
+                                                                value.shape))
+        return out
+
+    # -- forward pieces -------------------------------------------------------
+    def _loss_sums(self, decoder, scales, rows, inv, mb, with_kl: bool):
+        """Per-example sums of CE (and KL to the dense model) over the loss mask."""
+        head, neuron = scales
+        dtype = jnp.dtype(self.kcfg.compute_dtype)
+        memory = hooks_from_rows(rows, inv, self.kcfg.lora_alpha / max(self.kcfg.lora_rank, 1), dtype) \
+            if rows else Hooks()
+        hooks = Hooks(head_scale=head, neuron_scale=neuron, memory_k=memory.memory_k, memory_v=memory.memory_v,
+                      lora=memory.lora)
+        kwargs = dict(positions=mb["positions"], segment_ids=mb["segment_ids"])
+        hidden, _ = decoder(mb["inputs"], hooks=hooks, **kwargs)
+        mask = mb["loss_mask"]
+        ce = jnp.sum(token_cross_entropy(decoder, hidden, mb["targets"], chunk_size=self.kcfg.loss_chunk) * mask, 1)
+        if not with_kl:
+            return ce, jnp.zeros_like(ce)
+        ref, _ = decoder(mb["inputs"], **kwargs)
+        kl = token_kl(decoder, jax.lax.stop_gradient(ref), hidden, chunk_size=self.kcfg.loss_chunk)
+        return ce, jnp.sum(kl * mask, 1)
+
+    def _micro_batches(self, batch, inv):
+        """`[A, B/A, ...]` micro-batches; example i goes to micro-batch i % A so data sharding is kept."""
+        a = self.kcfg.accum_steps
+        split_ = lambda x: jnp.swapaxes(x.reshape((x.shape[0] // a, a) + x.shape[1:]), 0, 1)  # noqa: E731
+        return jax.tree.map(split_, {k: batch[k] for k in BATCH_KEYS}), split_(inv), split_(batch["domain"])
+
+    # -- train step -----------------------------------------------------------
+    def _train_step(self, state: TrainState, backbone, batch):
+        kcfg, D = self.kcfg, self.kcfg.num_domains
+        decoder = nnx.merge(self.decoder_def, backbone)
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        slots, inv = distinct_rows(batch["domain"], D)
+        rows = gather_rows(state.memory, slots)
+        micro, micro_inv, _ = self._micro_batches(batch, inv)
+        with_kl = kcfg.kl_weight > 0
+
+        def micro_loss(log_alphas, rows, mb, mb_inv, key):
+            z = gates_lib.sample_all(log_alphas, key)
+            ce, kl = self._loss_sums(decoder, gates_lib.scales(z), rows, mb_inv, mb, with_kl)
+            return jnp.sum(ce) + kcfg.kl_weight * jnp.sum(kl), (ce, kl)
+
+        grad_fn = jax.grad(micro_loss, argnums=(0, 1), has_aux=True)
+
+        def accumulate(carry, xs):
+            g_gates, g_rows = carry
+            mb, mb_inv, i = xs
+            (dg, dr), aux = grad_fn(state.gates, rows, mb, mb_inv, jax.random.fold_in(key, i))
+            return (jax.tree.map(jnp.add, g_gates, dg), jax.tree.map(jnp.add, g_rows, dr)), aux
+
+        zeros = (jax.tree.map(jnp.zeros_like, state.gates), jax.tree.map(jnp.zeros_like, rows))
+        (g_gates, g_rows), (ce, kl) = jax.lax.scan(
+            accumulate, zeros, (micro, micro_inv, jnp.arange(kcfg.accum_steps)))
+        ce, kl = ce.T.reshape(-1), kl.T.reshape(-1)  # back to batch order
+        tokens_per_example = jnp.sum(batch["loss_mask"], 1)
+        num_tokens = jnp.maximum(jnp.sum(tokens_per_example), 1.0)
+        g_gates = jax.tree.map(lambda g: g / num_tokens, g_gates)
+        g_rows = jax.tree.map(lambda g: g / num_tokens, g_rows)
+
+        target = sparsity.target_at(state.step, kcfg.target_sparsity, kcfg.warmup_steps)
+
+        def constraint(log_alphas, lambdas):
+            s_hat = sparsity.expected_sparsity(self.cfg, log_alphas, kcfg.sparsity_over)
+            return sparsity.lagrangian(lambdas, s_hat, target)
+
+        lag, (lg_gates, lg_lambdas) = jax.value_and_grad(constraint, argnums=(0, 1))(state.gates, state.multipliers)
+        g_gates = jax.tree.map(jnp.add, g_gates, lg_gates)
+
+        updates, gate_opt = self.gate_tx.update(g_gates, state.gate_opt, state.gates)
+        gates = optax.apply_updates(state.gates, updates)
+        updates, lambda_opt = self.lambda_tx.update(jax.tree.map(jnp.negative, lg_lambdas), state.lambda_opt)
+        multipliers = optax.apply_updates(state.multipliers, updates)
+        new_rows, row_opt = rowsparse.update(g_rows, rowsparse.gather(state.memory_opt, slots), rows,
+                                             lr=kcfg.memory_lr, b1=kcfg.adam_b1, b2=kcfg.adam_b2, eps=kcfg.adam_eps)
+        new_state = state.replace(
+            step=state.step + 1, gates=gates, multipliers=multipliers, gate_opt=gate_opt, lambda_opt=lambda_opt,
+            memory=scatter_rows(state.memory, slots, new_rows),
+            memory_opt=rowsparse.scatter(state.memory_opt, slots, row_opt))
+
+        keep = sparsity.keep_probs(state.gates)
+        remaining = sparsity.remaining_params(self.cfg, keep)
+        metrics = {
+            "loss": jnp.sum(ce) / num_tokens,
+            "kl": jnp.sum(kl) / num_tokens,
+            "lagrangian": lag,
+            "loss_sum_by_domain": jax.ops.segment_sum(ce, batch["domain"], D),
+            "tokens_by_domain": jax.ops.segment_sum(tokens_per_example, batch["domain"], D),
+            "expected_sparsity": sparsity.sparsity(self.cfg, remaining, "prunable"),
+            "expected_sparsity_all": sparsity.sparsity(self.cfg, remaining, "all"),
+            "target": target,
+            "lambda1": state.multipliers["lambda1"],
+            "lambda2": state.multipliers["lambda2"],
+            "tokens": num_tokens,
+        }
+        return new_state, metrics
+
+    def train_step(self, state: TrainState, batch: Mapping[str, Any]) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One optimiser step; `state` is donated (do not reuse it). Metrics are replicated arrays."""
+        batch = self.place_batch(batch)
+        fn = self._jitted("train", self._train_step, batch)
+        with jax.set_mesh(self.mesh), axis_rules(self.rules):
+            return fn(state, self.backbone, batch)
+
+    # -- eval step ------------------------------------------------------------
+    def _eval_step(self, state: TrainState, backbone, batch, target):
+        D = self.kcfg.num_domains
+        decoder = nnx.merge(self.decoder_def, backbone)
+        masks = sparsity.deterministic_masks(self.cfg, state.gates, target, self.kcfg.sparsity_over)
+        scales = gates_lib.scales(masks)
+        slots, inv = distinct_rows(batch["domain"], D)
+        rows = gather_rows(state.memory, slots)
+        with_memory, _ = self._loss_sums(decoder, scales, rows, inv, batch, False)
+        without_memory, _ = self._loss_sums(decoder, scales, {}, inv, batch, False)
+        remaining = sparsity.remaining_params(self.cfg, masks)
+        by_domain = functools.partial(jax.ops.segment_sum, segment_ids=batch["domain"], num_segments=D)
+        return {
+            "loss_sum_memory": by_domain(with_memory),
+            "loss_sum_no_memory": by_domain(without_memory),
+            "tokens": by_domain(jnp.sum(batch["loss_mask"], 1)),
+            "sparsity": sparsity.sparsity(self.cfg, remaining, "prunable"),
+            "sparsity_all": sparsity.sparsity(self.cfg, remaining, "all"),
+        }
+
+    def eval_step(self, state: TrainState, batch: Mapping[str, Any], target: float | None = None) -> dict:
+        """Per-domain loss sums under the deterministic mask at `target` (default: the final target)."""
+        batch = self.place_batch(batch)
+        fn = self._jitted("eval", self._eval_step, batch)
+        target = self.kcfg.target_sparsity if target is None else target
+        with jax.set_mesh(self.mesh), axis_rules(self.rules):
+            return fn(state, self.backbone, batch, jnp.float32(target))
+
+    def evaluate(self, state: TrainState, batches, target: float | None = None) -> dict[str, np.ndarray]:
+        """Per-domain mean loss and perplexity with and without memory over `batches` (NaN for unseen domains)."""
+        totals: dict[str, np.ndarray] = {}
+        for batch in batches:
+            out = jax.device_get(self.eval_step(state, batch, target))
+            for name in ("loss_sum_memory", "loss_sum_no_memory", "tokens"):
+                totals[name] = totals.get(name, 0.0) + out[name]
+        if not totals:
+            raise ValueError("evaluate() got no batches")
+        with np.errstate(invalid="ignore", divide="ignore"):
+            tokens = np.where(totals["tokens"] > 0, totals["tokens"], np.nan)
+            loss_mem, loss = totals["loss_sum_memory"] / tokens, totals["loss_sum_no_memory"] / tokens
+        return {"loss_memory": loss_mem, "ppl_memory": np.exp(loss_mem), "loss_no_memory": loss,
+                "ppl_no_memory": np.exp(loss), "tokens": totals["tokens"]}
+
+    # -- compilation ------------------------------------------------------------
+    def _jitted(self, name: str, fn, batch: dict[str, jax.Array]):
+        """`fn` jitted with explicit shardings; one compilation per step kind and batch sharding."""
+        batch_sh = {k: v.sharding for k, v in batch.items()}
+        key = (name, tuple((k, v.shape, v.sharding) for k, v in sorted(batch.items())))
+        if key not in self._compiled:
+            rep = NamedSharding(self.mesh, PartitionSpec())
+            train = name == "train"
+            self._compiled[key] = jax.jit(
+                fn, in_shardings=(self.state_shardings, self.backbone_shardings, batch_sh) + (() if train else (rep,)),
+                out_shardings=(self.state_shardings, rep) if train else rep,
+                donate_argnums=(0,) if train else ())
+        return self._compiled[key]
