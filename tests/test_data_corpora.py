@@ -9,6 +9,7 @@ import tarfile
 import pytest
 import tensorflow_datasets as tfds
 
+from sparsemem import cli
 from sparsemem.data import debian_packages, libreoffice_help, sources, splits, text_folder
 
 LANGUAGES = ("en-US", "de", "fr")
@@ -184,3 +185,19 @@ def test_catalog_dataset_by_name():
         domain = sources.catalog_source("wiki40b/de", "train", domain="de")
     assert domain.name == "de" and len(domain.records) == 7
     assert isinstance(domain.records[0][domain.text_key], (str, bytes))
+
+
+def test_cli_prepare_and_stats(help_corpus, tmp_path, capsys):
+    data_dir, manual = help_corpus
+    assert cli.main(["data", "prepare", "--languages", "en-US,de", "--data-dir", str(data_dir),
+                     "--manual-dir", str(manual)]) == 0
+    assert "libreoffice_help/de: 221 paragraphs" in capsys.readouterr().out
+    assert cli.main(["data", "stats", "--languages", "en-US,de", "--data-dir", str(data_dir),
+                     "--manual-dir", str(manual)]) == 0
+    out = capsys.readouterr().out
+    assert "| domain | split" in out and "| de     | train" in out
+    assert sum(int(line.split("|")[4].replace(",", "")) for line in out.splitlines() if line.startswith("| de ")) == 221
+    assert "Aligned paragraphs (present in all of en-US,de): train" in out
+    write_folder(tmp_path / "corpus")
+    assert cli.main(["data", "prepare", "--folder", str(tmp_path / "corpus"), "--data-dir", str(data_dir)]) == 0
+    assert "domains cooking, law" in capsys.readouterr().out

@@ -22,7 +22,11 @@ _HELP_PREFIX = "usr/share/libreoffice/help/"
 
 
 class PackageUnavailableError(RuntimeError):
-    """The help package could not be obtained (no apt-get, unknown package, no network)."""
+    """The help package could not be obtained; `reason` is `no-apt`, `unknown-package` or `network`."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 def check_language(language: str) -> str:
@@ -54,15 +58,17 @@ def apt_download(package: str, directory: Path) -> Path:
     if shutil.which("apt-get") is None:
         raise PackageUnavailableError(
             f"apt-get is not installed, so {package} cannot be downloaded; fetch its .deb on a Debian/Ubuntu "
-            "machine (`apt-get download " + package + "`) and pass the folder holding it as the manual directory")
+            "machine (`apt-get download " + package + "`) and pass the folder holding it as the manual directory",
+            "no-apt")
     directory.mkdir(parents=True, exist_ok=True)
     result = subprocess.run(["apt-get", "download", package], cwd=directory, capture_output=True, text=True)
     deb = _deb_in(directory, package)
     if result.returncode != 0 or deb is None:
+        unknown = "Unable to locate" in result.stderr or "has no installation candidate" in result.stderr
         hint = ("apt's package lists do not know it: run `apt-get update` (needs root) or pass a manual directory"
-                if "Unable to locate" in result.stderr or "has no installation candidate" in result.stderr
-                else "check the network connection to the Debian mirror or pass a manual directory")
-        raise PackageUnavailableError(f"`apt-get download {package}` failed ({hint}):\n{result.stderr.strip()}")
+                if unknown else "check the network connection to the Debian mirror or pass a manual directory")
+        raise PackageUnavailableError(f"`apt-get download {package}` failed ({hint}):\n{result.stderr.strip()}",
+                                      "unknown-package" if unknown else "network")
     return deb
 
 

@@ -10,6 +10,7 @@ no TensorFlow (`load_split` returns a random-access data source grain can consum
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import os
 from pathlib import Path
@@ -67,7 +68,7 @@ class LibreofficeHelp(tfds.core.GeneratorBasedBuilder):
         reference = None
         if language != paragraph_filters.REFERENCE_LANGUAGE:
             reference_tree = debian_packages.help_tree(paragraph_filters.REFERENCE_LANGUAGE, work_dir, manual_dir)
-            reference = read_pages(reference_tree, reference=None, desc="en-US reference")
+            reference = _reference_pages(reference_tree)
         dropped = collections.Counter()
         pages = read_pages(tree, reference=reference, dropped=dropped, desc=language)
         if not any(pages.values()):
@@ -87,6 +88,12 @@ class LibreofficeHelp(tfds.core.GeneratorBasedBuilder):
                 yield f"{page_id}#{paragraph.paragraph_id}", {
                     "text": paragraph.text, "paragraph_id": paragraph.paragraph_id,
                     "page_id": page_id, "language": language}
+
+
+@functools.lru_cache(maxsize=1)
+def _reference_pages(tree: Path) -> dict[str, list[help_pages.HelpParagraph]]:
+    """English pages, parsed once per process however many languages are built against them."""
+    return read_pages(tree, reference=None, desc=paragraph_filters.REFERENCE_LANGUAGE + " reference")
 
 
 def read_pages(tree: Path, *, reference: dict[str, list] | None, dropped: collections.Counter | None = None,

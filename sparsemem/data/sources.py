@@ -17,7 +17,7 @@ import tqdm
 
 from sparsemem.data import libreoffice_help, text_folder
 
-_KEY_READ_CHUNK = 4096
+_READ_CHUNK = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,20 +45,30 @@ class SubsetRecords(Sequence):
     def __getitem__(self, index: int):
         return self._records[self._indices[index]]
 
+    def __getitems__(self, indices: Sequence[int]) -> list:
+        parent_indices = [self._indices[i] for i in indices]
+        if hasattr(self._records, "__getitems__"):
+            return self._records.__getitems__(parent_indices)
+        return [self._records[i] for i in parent_indices]
+
 
 def _decode(value) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+def read_all(records: Sequence, desc: str = "") -> list:
+    """Every record, read in chunks (array_record sources are fastest read in bulk)."""
+    out = []
+    for start in tqdm.trange(0, len(records), _READ_CHUNK, desc=f"Reading {desc}", unit="chunk", leave=False):
+        indices = list(range(start, min(start + _READ_CHUNK, len(records))))
+        out.extend(records.__getitems__(indices) if hasattr(records, "__getitems__") else map(records.__getitem__,
+                                                                                              indices))
+    return out
+
+
 def read_field(records: Sequence, field: str, desc: str = "") -> list[str]:
-    """`field` of every record, read in chunks (array_record sources are fastest read in bulk)."""
-    values = []
-    for start in tqdm.trange(0, len(records), _KEY_READ_CHUNK, desc=f"Reading {field} ({desc})", unit="chunk",
-                             leave=False):
-        indices = range(start, min(start + _KEY_READ_CHUNK, len(records)))
-        chunk = records.__getitems__(list(indices)) if hasattr(records, "__getitems__") else [records[i] for i in indices]
-        values.extend(_decode(record[field]) for record in chunk)
-    return values
+    """`field` of every record, as text."""
+    return [_decode(record[field]) for record in read_all(records, f"{field} ({desc})")]
 
 
 def aligned_indices(records_by_language: Mapping[str, Sequence]) -> dict[str, list[int]]:
