@@ -8,6 +8,7 @@ import sys
 
 # Modules exposing `register(subparsers)`; each adds its subcommands with `set_defaults(func=...)`.
 COMMAND_MODULES = (
+    "sparsemem.data.commands",
 )
 
 
