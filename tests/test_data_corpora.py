@@ -184,7 +184,7 @@ def test_catalog_dataset_by_name():
     with tfds.testing.mock_data(num_examples=7, policy=tfds.testing.MockPolicy.USE_CODE):
         domain = sources.catalog_source("wiki40b/de", "train", domain="de")
     assert domain.name == "de" and len(domain.records) == 7
-    assert isinstance(domain.records[0][domain.text_key], (str, bytes))
+    assert domain.clean is sources.wiki40b_plain_text and isinstance(domain.text(domain.records[0]), str)
 
 
 def test_cli_prepare_and_stats(help_corpus, tmp_path, capsys):
@@ -201,3 +201,8 @@ def test_cli_prepare_and_stats(help_corpus, tmp_path, capsys):
     write_folder(tmp_path / "corpus")
     assert cli.main(["data", "prepare", "--folder", str(tmp_path / "corpus"), "--data-dir", str(data_dir)]) == 0
     assert "domains cooking, law" in capsys.readouterr().out
+
+
+def test_wiki40b_markers_are_stripped():
+    stored = "\n_START_ARTICLE_\nBerlin\n_START_SECTION_\nGeschichte\n_START_PARAGRAPH_\nErste Zeile._NEWLINE_Zweite."
+    assert sources.wiki40b_plain_text(stored) == "Berlin\nGeschichte\nErste Zeile.\nZweite."

@@ -1,6 +1,7 @@
 """grain pipeline: packing invariants, mixing, determinism, resume, process shards, evaluation pass."""
 
 import collections
+import json
 import logging
 
 import numpy as np
@@ -126,7 +127,7 @@ def test_training_is_deterministic_and_resumes_mid_epoch(tokenizer, sources):
     head = [next(first) for _ in range(5)]
     for a, b in zip(head, [next(second) for _ in range(5)]):
         np.testing.assert_equal(a, b)
-    state = first.get_state()
+    state = json.loads(json.dumps(first.get_state()))  # plain JSON: storable in the run's orbax checkpoint
     continued = [next(first) for _ in range(20)]  # crosses epoch boundaries of the smaller domains
     resumed = run(7)
     resumed.set_state(state)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import grain
 import numpy as np
@@ -39,13 +39,11 @@ class LongDocuments(str, enum.Enum):
 class TokenizeDocument(grain.transforms.Map):
     """Record -> `{"tokens": int32[n]}` with BOS (if the tokenizer has one) and EOS."""
 
-    def __init__(self, tokenizer: TokenizerLike, text_key: str):
-        self._tokenizer, self._text_key = tokenizer, text_key
+    def __init__(self, tokenizer: TokenizerLike, text_of: Callable[[Any], str]):
+        self._tokenizer, self._text_of = tokenizer, text_of
 
-    def map(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
-        text = record[self._text_key]
-        text = text.decode("utf-8") if isinstance(text, bytes) else text
-        ids = self._tokenizer.encode_batch([text], add_bos=True)[0]
+    def map(self, record: Any) -> dict[str, np.ndarray]:
+        ids = self._tokenizer.encode_batch([self._text_of(record)], add_bos=True)[0]
         return {"tokens": np.asarray([*ids, self._tokenizer.eos_id], dtype=np.int32)}
 
 

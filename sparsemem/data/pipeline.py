@@ -75,7 +75,7 @@ def _domain_rows(source: DomainSource, domain: int, tokenizer: TokenizerLike, *,
                          f"{shard.count} processes one; use a larger corpus or fewer processes")
     if train:
         records = records.shuffle(seed=_domain_seed(seed, domain)).repeat()
-    documents = records.map(TokenizeDocument(tokenizer, source.text_key)).to_iter_dataset(_READ_OPTIONS)
+    documents = records.map(TokenizeDocument(tokenizer, source.text)).to_iter_dataset(_READ_OPTIONS)
     examples = grain.experimental.FlatMapIterDataset(documents, ToExamples(seq_len, long_documents))
     rows = pack(examples, seq_len=seq_len, pad_id=tokenizer.pad_id, num_bins=packing_bins,
                 seed=_domain_seed(seed, domain), shuffle_bins=train)

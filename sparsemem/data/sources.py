@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Mapping, Sequence
+import re
+from typing import Any, Callable, Mapping, Sequence
 
 import tensorflow_datasets as tfds
 import tqdm
@@ -18,19 +19,29 @@ import tqdm
 from sparsemem.data import libreoffice_help, text_folder
 
 _READ_CHUNK = 4096
+_WIKI40B_MARKERS = re.compile(r"\n?_START_(?:ARTICLE|SECTION|PARAGRAPH)_\n")
 
 
 @dataclasses.dataclass(frozen=True)
 class DomainSource:
-    """One domain's documents: `records[i][text_key]` is the text (str or utf-8 bytes) of document i."""
+    """One domain's documents: `records[i][text_key]` is the text (str or utf-8 bytes) of document i.
+
+    `clean`, if given, turns the stored text into plain text (e.g. strips wiki40b's markers).
+    """
 
     name: str
     records: Sequence[Mapping[str, Any]]
     text_key: str = "text"
+    clean: Callable[[str], str] | None = None
 
     def __post_init__(self):
         if len(self.records) == 0:
             raise ValueError(f"Domain {self.name!r} has no documents; check its corpus and split")
+
+    def text(self, record: Mapping[str, Any]) -> str:
+        """The plain text of one record."""
+        text = _decode(record[self.text_key])
+        return self.clean(text) if self.clean else text
 
 
 class SubsetRecords(Sequence):
@@ -79,9 +90,8 @@ def aligned_indices(records_by_language: Mapping[str, Sequence]) -> dict[str, li
     """
     index_by_key = {}
     for language, records in records_by_language.items():
-        pages = read_field(records, "page_id", language)
-        paragraphs = read_field(records, "paragraph_id", language)
-        index_by_key[language] = {(page, paragraph): i for i, (page, paragraph) in enumerate(zip(pages, paragraphs))}
+        index_by_key[language] = {(r["page_id"], r["paragraph_id"]): i
+                                  for i, r in enumerate(read_all(records, f"paragraph ids ({language})"))}
     common = sorted(set.intersection(*(set(keys) for keys in index_by_key.values())))
     return {language: [keys[key] for key in common] for language, keys in index_by_key.items()}
 
@@ -112,12 +122,18 @@ def text_folder_sources(root: str | os.PathLike, split: str, *,
             for name in names]
 
 
+def wiki40b_plain_text(text: str) -> str:
+    """wiki40b text without its `_START_ARTICLE_`/`_START_SECTION_`/`_START_PARAGRAPH_`/`_NEWLINE_` markers."""
+    return _WIKI40B_MARKERS.sub("\n", text).replace("_NEWLINE_", "\n").strip()
+
+
 def catalog_source(name: str, split: str, *, text_key: str = "text", domain: str | None = None,
                    data_dir: str | os.PathLike | None = None) -> DomainSource:
     """A TFDS catalogue dataset as one domain, e.g. `catalog_source("wiki40b/de", "train")`.
 
     The dataset must be prepared in array_record format (`tfds build --file_format=array_record`),
-    since reading other formats needs TensorFlow.
+    since reading other formats needs TensorFlow. wiki40b's structure markers are stripped.
     """
     records = tfds.data_source(name, split=split, data_dir=os.fspath(data_dir) if data_dir else None, download=False)
-    return DomainSource(domain or name, records, text_key)
+    clean = wiki40b_plain_text if name.split("/")[0] == "wiki40b" else None
+    return DomainSource(domain or name, records, text_key, clean)

@@ -21,15 +21,11 @@ class SplitStats:
     tokens: int | None
 
 
-def _text(value) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
 def split_stats(source: DomainSource, split: str, *, document_key: str | None,
                 tokenizer: TokenizerLike | None) -> SplitStats:
     """Counts for one domain and split; documents are distinct `document_key` values (records if None)."""
     records = read_all(source.records, f"{source.name}/{split}")
-    texts = [_text(record[source.text_key]) for record in records]
+    texts = [source.text(record) for record in records]
     documents = len({record[document_key] for record in records}) if document_key else len(records)
     tokens = None
     if tokenizer is not None:
