@@ -63,7 +63,7 @@ class _HtmlParagraphs(html.parser.HTMLParser):
             return
         attrs = dict(attrs)
         classes = set((attrs.get("class") or "").split())
-        hidden_variant = attrs.get("hidden") is not None and not (attrs.get("id") or "").startswith("default")
+        hidden_variant = "hidden" in attrs and not (attrs.get("id") or "").startswith("default")
         skipped = tag in _HTML_SKIPPED_TAGS or bool(classes & _HTML_SKIPPED_CLASSES) or hidden_variant
         self._stack.append((tag, skipped))
         self._skip_depth += skipped

@@ -97,11 +97,12 @@ def train_batches(sources: Sequence[DomainSource], tokenizer: TokenizerLike, *, 
         raise ValueError("No domains given; pass at least one DomainSource")
     if seq_len < 2 or batch_size < 1:
         raise ValueError(f"seq_len must be >= 2 and batch_size >= 1, got {seq_len} and {batch_size}")
+    weights = mixture_weights(sources, mixture)
     shard = shard or Shard.of_jax_process()
     rows = [_domain_rows(source, domain, tokenizer, seq_len=seq_len, seed=seed, shard=shard, train=True,
                          packing_bins=packing_bins or batch_size, long_documents=long_documents)
             for domain, source in enumerate(sources)]
-    mixed = grain.IterDataset.mix(rows, mixture_weights(sources, mixture)) if len(rows) > 1 else rows[0]
+    mixed = grain.IterDataset.mix(rows, weights) if len(rows) > 1 else rows[0]
     return iter(mixed.batch(batch_size, drop_remainder=True))
 
 
