@@ -183,7 +183,7 @@ def _check_metadata(reader, cfg: ModelConfig, path: pathlib.Path) -> None:
               "tokenizer.ggml.bos_token_id": cfg.bos_id, "tokenizer.ggml.eos_token_id": cfg.eos_id,
               "tokenizer.ggml.padding_token_id": cfg.pad_id}
     wrong = {k: (_field(reader, k), v) for k, v in checks.items() if _field(reader, k) != v}
-    vocab_size = len(reader.get_field("tokenizer.ggml.tokens").data)
+    vocab_size = len(_field(reader, "tokenizer.ggml.tokens"))
     if vocab_size != cfg.vocab_size:
         wrong["vocab size"] = (vocab_size, cfg.vocab_size)
     if wrong:
