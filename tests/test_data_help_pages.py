@@ -117,3 +117,12 @@ def test_split_is_a_stable_function_of_the_page():
     assert [splits.split_of(f"text/swriter/page{i}") for i in (7, 8, 52)] == ["train", "test", "validation"]
     with pytest.raises(ValueError, match="summing to 1"):
         splits.split_of("x", (0.5, 0.5, 0.5))
+
+
+@pytest.mark.parametrize("text, prose", [
+    ("Ok", False), ("Add", True), ("120", False), ("=SUM(A1:B12)/3", False), ("03/2013", False),
+    ("数据", True), ("列", False), ("返回 3.14159265358979，即数学常量 PI 的值，保留 14 位小数位数。", True),
+    ("Вставить", True), ("挿入します", True),
+])
+def test_letter_test_treats_scripts_alike(text, prose):
+    assert paragraph_filters.has_enough_letters(text) is prose

@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 class LibreofficeHelp(tfds.core.GeneratorBasedBuilder):
     """Paragraph-aligned multilingual text from the LibreOffice help (MPL-2.0)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Paragraphs of the Debian 12 (LibreOffice 7.4) help packages."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Paragraphs of the Debian 12 (LibreOffice 7.4) help packages.",
+                     "1.1.0": "A CJK character counts as two letters in the prose test (keeps short CJK headings)."}
     BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=language, description=f"LibreOffice help in {language}")
                        for language in debian_packages.LANGUAGES]
     # Downloads no URLs, so there is no checksums file to locate; this also skips tfds's source

@@ -1,7 +1,7 @@
 """Keep the natural-language paragraphs of a help page, and count every paragraph dropped and why.
 
 Dropped: non-prose roles (code, formulas, table headers, images, navigation), text
-with too few letters (numbers, formulas, paths), repeated paragraph ids within a page
+with too few letters (numbers, formulas, paths; a CJK character counts as two letters), repeated paragraph ids within a page
 (the first occurrence is kept), and in languages other than English, paragraphs whose
 text equals the English one for the same page and id (left untranslated).
 """
@@ -9,6 +9,7 @@ text equals the English one for the same page and id (left untranslated).
 from __future__ import annotations
 
 import collections
+import unicodedata
 from typing import Iterable, Mapping
 
 from sparsemem.data.help_pages import HelpParagraph
@@ -20,11 +21,18 @@ MIN_LETTERS = 3
 MIN_LETTER_FRACTION = 0.5
 
 
+def _letter_weight(ch: str) -> int:
+    """Letters count 1, wide (CJK) letters 2: one such character carries about what a short word does."""
+    if not ch.isalpha():
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+
+
 def has_enough_letters(text: str) -> bool:
-    """True for prose: at least `MIN_LETTERS` letters, and letters are most of the non-space characters."""
-    letters = sum(ch.isalpha() for ch in text)
-    visible = sum(not ch.isspace() for ch in text)
-    return letters >= MIN_LETTERS and letters >= MIN_LETTER_FRACTION * visible
+    """True for prose: at least `MIN_LETTERS` (weighted) letters, and letters are most of the visible text."""
+    letters = sum(map(_letter_weight, text))
+    others = sum(not ch.isspace() and not ch.isalpha() for ch in text)
+    return letters >= MIN_LETTERS and letters >= MIN_LETTER_FRACTION * (letters + others)
 
 
 def natural_paragraphs(paragraphs: Iterable[HelpParagraph], *, reference: Mapping[str, str] | None,
