@@ -171,3 +171,18 @@ def test_sharded_forward_equals_single_device():
     with jax.set_mesh(mesh):
         got = sharded_forward(sharded_state, x, segments)
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_compute_tracks_float32():
+    """bf16 compute (f32 params) stays close to f32: a numerics sanity bound, not parity."""
+    cfg = TINY_GEMMA
+    model = random_model(cfg)
+    x = tokens((2, 12))
+    hidden32, _ = forward(model, x, {})
+    graphdef, state = nnx.split(model)
+    model16 = nnx.merge(graphdef, state)
+    model16.dtype = jnp.bfloat16
+    hidden16, _ = forward(model16, x, {})
+    assert hidden16.dtype == jnp.bfloat16
+    logits32, logits16 = model.logits(hidden32), model16.logits(hidden16)
+    assert float(jnp.abs(logits16 - logits32).max() / jnp.abs(logits32).max()) < 5e-2

@@ -124,7 +124,7 @@ class Decoder(nnx.Module):
             if cache is not None:
                 positions = positions + cache.next_position[:, None]
 
-        x = self.embed[...].astype(self.dtype)[tokens]
+        x = self.embed[...][tokens].astype(self.dtype)
         if cfg.scale_embeddings:
             x = x * jnp.asarray(cfg.d_model ** 0.5, self.dtype)
         x = constrain(x, ("batch", "act_seq", "act_embed"))
@@ -147,6 +147,7 @@ class Decoder(nnx.Module):
 
         def block(x, xs):
             weights, is_local, hook, kv = xs
+            weights = jax.tree.map(lambda w: w.astype(self.dtype), weights)  # one layer at a time
             if local_mask is None:
                 mask, (cos, sin) = global_mask, rope_global
             else:
@@ -159,8 +160,7 @@ class Decoder(nnx.Module):
             policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if self.remat == "dots" else None
             block = jax.checkpoint(block, policy=policy, prevent_cse=False)
 
-        weights = jax.tree.map(lambda w: w.astype(self.dtype), self.layers.weights())
-        xs = (weights, jnp.asarray(cfg.is_local), hooks.per_layer() if hooks is not None else {},
+        xs = (self.layers.weights(), jnp.asarray(cfg.is_local), hooks.per_layer() if hooks is not None else {},
               (cache.k, cache.v) if cache is not None else None)
         x, new_kv = jax.lax.scan(block, x, xs)
 

@@ -30,7 +30,7 @@ def _map_token_chunks(fn: Callable[..., jax.Array], unembed: jax.Array, arrays: 
 
 
 def _logits(unembed: jax.Array, hidden: jax.Array) -> jax.Array:
-    return jnp.einsum("cd,vd->cv", hidden, unembed.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    return jnp.einsum("cd,vd->cv", hidden, unembed, preferred_element_type=jnp.float32)
 
 
 def _cross_entropy_chunk(unembed, hidden, targets):
@@ -48,13 +48,14 @@ def _kl_chunk(unembed, hidden_ref, hidden):
 def token_cross_entropy(model: Decoder, hidden: jax.Array, targets: jax.Array, *,
                         chunk_size: int = 1024) -> jax.Array:
     """Per-token next-token cross-entropy `[B, T]` (nats) from final hidden states `[B, T, d]`."""
-    return _map_token_chunks(_cross_entropy_chunk, model.unembedding(), (hidden, targets.astype(jnp.int32)),
-                             chunk_size)
+    unembed = model.unembedding().astype(hidden.dtype)
+    return _map_token_chunks(_cross_entropy_chunk, unembed, (hidden, targets.astype(jnp.int32)), chunk_size)
 
 
 def token_kl(model: Decoder, hidden_ref: jax.Array, hidden: jax.Array, *, chunk_size: int = 1024) -> jax.Array:
     """Per-token KL(ref || model) `[B, T]` between two sets of hidden states through the same unembedding."""
-    return _map_token_chunks(_kl_chunk, model.unembedding(), (hidden_ref, hidden), chunk_size)
+    unembed = model.unembedding().astype(hidden.dtype)
+    return _map_token_chunks(_kl_chunk, unembed, (hidden_ref, hidden), chunk_size)
 
 
 def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
