@@ -3,9 +3,10 @@
 One step (`train_step`):
 1. find the distinct domains of the batch and gather their memory rows, moments
    and step counts (`[K, ...]`, K = min(B, D));
-2. over `accum_steps` micro-batches, sample the gates, run the decoder with
-   gates + the example's own memory, and accumulate gradients of the summed
-   token losses w.r.t. the gate logits and the gathered rows;
+2. sample the gates once per step (the same sample for every micro-batch, so
+   accumulation equals one large batch), run the decoder over `accum_steps`
+   micro-batches with gates + each example's own memory, and accumulate the
+   gradients of the summed token losses w.r.t. gate logits and gathered rows;
 3. add the Lagrangian's gradients, step the gates (Adam), the multipliers
    (gradient ascent) and the gathered rows (row-sparse Adam), scatter the rows back.
 The backbone is an argument of the step, never donated, never differentiated.
@@ -40,8 +41,8 @@ BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 def _child(state: nnx.State) -> dict:
     """The pure dict of the one submodule a filtered `Koff` state holds."""
-    (value,) = state.to_pure_dict().values()
-    return value
+    values = list(state.to_pure_dict().values())
+    return values[0] if values else {}  # a memory-free run (memory_slots=0, lora_rank=0) has no memory module
 
 
 class KoffTrainer:
@@ -198,13 +199,13 @@ class KoffTrainer:
 
         def accumulate(carry, xs):
             g_gates, g_rows = carry
-            mb, mb_inv, i = xs
-            (dg, dr), aux = grad_fn(state.gates, rows, mb, mb_inv, jax.random.fold_in(key, i))
+            mb, mb_inv = xs
+            (dg, dr), aux = grad_fn(state.gates, rows, mb, mb_inv, key)
             return (jax.tree.map(jnp.add, g_gates, dg), jax.tree.map(jnp.add, g_rows, dr)), aux
 
         zeros = (jax.tree.map(jnp.zeros_like, state.gates), jax.tree.map(jnp.zeros_like, rows))
         (g_gates, g_rows), (ce, kl) = jax.lax.scan(
-            accumulate, zeros, (micro, micro_inv, jnp.arange(kcfg.accum_steps)))
+            accumulate, zeros, (micro, micro_inv))
         ce, kl = ce.T.reshape(-1), kl.T.reshape(-1)  # back to batch order
         tokens_per_example = jnp.sum(batch["loss_mask"], 1)
         num_tokens = jnp.maximum(jnp.sum(tokens_per_example), 1.0)

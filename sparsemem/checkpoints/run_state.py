@@ -1,0 +1,108 @@
+"""Orbax save/restore of a whole KOFF run: train state, data-iterator state, array layout.
+
+The train state is stored as a nested dict of arrays named by its pytree path
+(`gates/head`, `memory_opt/mu/k`, ...), so a checkpoint does not depend on Python
+container classes, and restoring onto another mesh only needs the new abstract
+state (`KoffTrainer.abstract_state`, shapes + shardings). Orbax writes each step to
+a temporary directory and renames it when complete, so a crash mid-save never
+leaves a partial step behind: the previous step stays the latest.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+
+def _name(entry) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    raise TypeError(f"unsupported pytree path entry {entry!r}")
+
+
+def _nest(tree: Any) -> dict:
+    """`tree` as a nested dict keyed by its path entries."""
+    out: dict = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        node = out
+        for entry in path[:-1]:
+            node = node.setdefault(_name(entry), {})
+        node[_name(path[-1])] = leaf
+    return out
+
+
+def _layout(nested: dict, prefix: str = "") -> dict[str, list]:
+    """`{path: [shape, dtype]}` of every leaf of a nested dict."""
+    out = {}
+    for key, value in nested.items():
+        if isinstance(value, dict):
+            out.update(_layout(value, f"{prefix}{key}/"))
+        else:
+            out[f"{prefix}{key}"] = [list(value.shape), str(value.dtype)]
+    return out
+
+
+def _unnest(nested: dict, like: Any) -> Any:
+    """Rebuild the pytree `like` from a nested dict made by `_nest`."""
+    paths, treedef = jax.tree_util.tree_flatten_with_path(like)
+    leaves = []
+    for path, _ in paths:
+        node = nested
+        for entry in path:
+            node = node[_name(entry)]
+        leaves.append(node)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+class RunCheckpointer:
+    """Keeps the last `max_to_keep` run checkpoints under `directory` (one subdirectory per step)."""
+
+    def __init__(self, directory: str | epath.Path, *, max_to_keep: int | None = 3):
+        self.directory = epath.Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, data_state: dict | None = None) -> None:
+        """Write `state` (and the data iterator's JSON state) as `step`; blocks until durable."""
+        nested = _nest(state)
+        self.manager.save(int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardSave(nested),
+            data=ocp.args.JsonSave(data_state or {}),
+            layout=ocp.args.JsonSave(_layout(nested))), force=True)
+        self.manager.wait_until_finished()
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
+        """`(state, data_state)` from `step` (default: latest), laid out as `abstract_state`.
+
+        `abstract_state` holds `jax.ShapeDtypeStruct`s with the shardings wanted now
+        (any mesh); a checkpoint whose arrays differ in names or shapes is refused.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None or step not in self.manager.all_steps():
+            raise FileNotFoundError(f"no run checkpoint{'' if step is None else f' for step {step}'} in "
+                                    f"{self.directory} (found steps {self.all_steps()})")
+        target = _nest(abstract_state)
+        saved = self.manager.restore(step, args=ocp.args.Composite(layout=ocp.args.JsonRestore()))["layout"]
+        expected = _layout(target)
+        if saved != expected:
+            diff = sorted(set(map(str, saved.items())) ^ set(map(str, expected.items())))[:6]
+            raise ValueError(f"checkpoint step {step} in {self.directory} does not match this run's state "
+                             f"(different num_domains, memory_slots, lora_targets, block_gates or model?); "
+                             f"differing arrays: {diff}")
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+        return _unnest(restored["state"], abstract_state), dict(restored["data"] or {})
+
+    def close(self) -> None:
+        self.manager.close()

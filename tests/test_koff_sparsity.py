@@ -1,0 +1,94 @@
+"""Parameter accounting (GQA), deterministic masks, compaction and the Lagrangian."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sparsemem.koff import sparsity
+from sparsemem.koff.compact import compact, prunable_size
+from sparsemem.models.config import preset
+from sparsemem.models.decoder import Decoder
+
+TINY = dict(num_layers=2, d_model=64, d_ff=128, num_heads=4, num_kv_heads=2, head_dim=16, vocab_size=256)
+
+
+def tiny(name):
+    extra = {"sliding_window": 8} if name.startswith("gemma") else {}
+    return preset(name).replace(**TINY, **extra)
+
+
+@pytest.mark.parametrize("name", ["gemma-3-270m", "qwen2.5-3b", "qwen3-0.6b", "llama-3.1-8b"])
+def test_param_counts_match_decoder(name):
+    cfg = tiny(name)
+    decoder = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+    total = sum(x.size for x in jax.tree.leaves(nnx.state(decoder, nnx.Param)))
+    assert sparsity.ParamCounts.of(cfg).total == total
+
+
+def random_log_alphas(cfg, key, blocks=False):
+    k1, k2, k3 = jax.random.split(key, 3)
+    out = {"head": jax.random.normal(k1, (cfg.num_layers, cfg.num_heads)) * 3,
+           "neuron": jax.random.normal(k2, (cfg.num_layers, cfg.d_ff)) * 3}
+    if blocks:
+        out["attn"] = jax.random.normal(k3, (cfg.num_layers,)) + 3
+        out["mlp"] = -jax.random.normal(k3, (cfg.num_layers,)) + 3
+    return out
+
+
+@pytest.mark.parametrize("name,blocks", [("qwen2.5-3b", False), ("gemma-3-270m", True)])
+@pytest.mark.parametrize("target", [0.1, 0.45, 0.8])
+def test_deterministic_mask_hits_target_and_compaction_counts_agree(name, blocks, target):
+    cfg = tiny(name)  # GQA: 4 query heads over 2 KV heads; qwen2 also has q/k/v biases
+    counts = sparsity.ParamCounts.of(cfg)
+    log_alphas = random_log_alphas(cfg, jax.random.key(int(target * 100)), blocks)
+    masks = sparsity.deterministic_masks(cfg, log_alphas, target)
+    remaining = sparsity.remaining_params(cfg, masks)
+    realised = float(sparsity.sparsity(cfg, remaining))
+    # Within half the largest single removal (a head closing its KV group).
+    assert abs(realised - target) <= (counts.head + counts.kv_head) / 2 / counts.prunable + 1e-6
+    # Kept units outscore removed ones.
+    keep = sparsity.keep_probs(log_alphas)
+    head_score = keep["head"] * keep["attn"][:, None] if blocks else keep["head"]
+    kept, removed = head_score[masks["head"] > 0], head_score[masks["head"] == 0]
+    if kept.size and removed.size:
+        assert kept.min() >= removed.max()
+
+    decoder = Decoder(cfg, rngs=nnx.Rngs(0))
+    layers = compact(cfg, decoder.layers.weights(), masks)
+    assert prunable_size(layers) == int(remaining)
+    for layer, head_mask in zip(layers, np.asarray(masks["head"])):
+        kept_heads = np.flatnonzero(head_mask)
+        assert layer["wq"].shape[1] == layer["wo"].shape[0] == kept_heads.size
+        assert layer["wk"].shape[1] == len(set(kept_heads // cfg.group_size))
+
+
+def test_kv_head_goes_only_with_its_whole_group():
+    cfg = tiny("llama-3.1-8b")
+    counts = sparsity.ParamCounts.of(cfg)
+    neuron = jnp.ones((2, cfg.d_ff))
+    one_head_per_group = jnp.array([[0, 1, 0, 1], [1, 1, 1, 1]], jnp.float32)
+    whole_group = jnp.array([[0, 0, 1, 1], [1, 1, 1, 1]], jnp.float32)
+    full = sparsity.remaining_params(cfg, {"head": jnp.ones((2, 4)), "neuron": neuron})
+    assert full == counts.prunable
+    assert full - sparsity.remaining_params(cfg, {"head": one_head_per_group, "neuron": neuron}) == 2 * counts.head
+    assert (full - sparsity.remaining_params(cfg, {"head": whole_group, "neuron": neuron})
+            == 2 * counts.head + counts.kv_head)
+
+
+def test_sparsity_over_all_is_smaller_and_target_warms_up():
+    cfg = tiny("gemma-3-270m")
+    la = random_log_alphas(cfg, jax.random.key(0))
+    assert sparsity.expected_sparsity(cfg, la, "all") < sparsity.expected_sparsity(cfg, la, "prunable")
+    np.testing.assert_allclose([sparsity.target_at(s, 0.4, 10) for s in (0, 5, 10, 20)], [0, 0.2, 0.4, 0.4])
+
+
+def test_lagrangian_gradients_push_towards_target():
+    lambdas = {"lambda1": jnp.float32(0.0), "lambda2": jnp.float32(0.0)}
+    g = jax.grad(sparsity.lagrangian)(lambdas, jnp.float32(0.1), jnp.float32(0.3))
+    # Ascent on lambda1 (lambda1 += lr * (s - t)) makes it negative, which then rewards sparsity.
+    assert g["lambda1"] < 0 and g["lambda2"] > 0
+    lambdas = {"lambda1": jnp.float32(-1.0), "lambda2": jnp.float32(0.0)}
+    ds = jax.grad(sparsity.lagrangian, argnums=1)(lambdas, jnp.float32(0.1), jnp.float32(0.3))
+    assert ds < 0  # minimising over gates now increases sparsity
