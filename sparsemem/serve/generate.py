@@ -1,4 +1,9 @@
-"""Batched text generation with a KV cache: left-padded prefill, then one jitted step per token."""
+"""Batched text generation with a KV cache: left-padded prefill, then one jitted step per token.
+
+Works with a `Decoder` (optional `Hooks` applied at every step) and with a
+`CompactDecoder` (optional per-row `RowMemory`: its KV slots start the cache, its
+LoRA applies at every step), so rows of one batch may use different domains.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from flax import nnx
 
 from sparsemem.models.decoder import Decoder, KVCache
 from sparsemem.models.hooks import Hooks
+from sparsemem.serve.compact_model import CompactDecoder, RowMemory
 from sparsemem.tokenizer import Tokenizer
 
 
@@ -44,16 +50,20 @@ def _pick(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.Ar
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
-def _step(graphdef, state, tokens, segment_ids, cache: KVCache, hooks, key, sampling: SamplingConfig):
+def _step(graphdef, state, tokens, segment_ids, cache: KVCache, inputs: dict, key, sampling: SamplingConfig):
     """Run `tokens` through the model, append them to the cache, pick the next token per row."""
     model = nnx.merge(graphdef, state)
-    hidden, cache = model(tokens, segment_ids=segment_ids, hooks=hooks, cache=cache)
+    hidden, cache = model(tokens, segment_ids=segment_ids, cache=cache, **inputs)
     return _pick(model.logits(hidden[:, -1]), key, sampling), cache
 
 
-def generate_ids(model: Decoder, prompts: list[list[int]], sampling: SamplingConfig,
-                 hooks: Hooks | None = None, pad_id: int = 0, eos_id: int | None = None) -> list[list[int]]:
-    """Continue each prompt (token ids) until EOS or `max_new_tokens`; returns the new ids per row (no EOS)."""
+def generate_ids(model: Decoder | CompactDecoder, prompts: list[list[int]], sampling: SamplingConfig,
+                 hooks: Hooks | None = None, pad_id: int = 0, eos_id: int | None = None,
+                 memory: RowMemory | None = None) -> list[list[int]]:
+    """Continue each prompt (token ids) until EOS or `max_new_tokens`; returns the new ids per row (no EOS).
+
+    `hooks` go with a `Decoder`, `memory` (one row per prompt) with a `CompactDecoder`.
+    """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and every prompt needs at least one token")
     prompt_len = max(len(p) for p in prompts)
@@ -62,6 +72,11 @@ def generate_ids(model: Decoder, prompts: list[list[int]], sampling: SamplingCon
         raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({sampling.max_new_tokens}) exceeds the "
                          f"model's context of {model.cfg.max_seq_len}; shorten the prompt or generate fewer tokens")
     batch = len(prompts)
+    compact = isinstance(model, CompactDecoder)
+    if (hooks is not None and compact) or (memory is not None and not compact):
+        raise TypeError("pass hooks= with a Decoder and memory= with a CompactDecoder")
+    if memory is not None and memory.k and memory.k[0].shape[0] != batch:
+        raise ValueError(f"memory has {memory.k[0].shape[0]} rows for {batch} prompts")
     tokens = np.full((batch, prompt_len), pad_id, np.int32)
     segments = np.zeros((batch, prompt_len), np.int32)
     for row, ids in enumerate(prompts):
@@ -70,9 +85,11 @@ def generate_ids(model: Decoder, prompts: list[list[int]], sampling: SamplingCon
 
     graphdef, state = nnx.split(model)
     key = jax.random.key(sampling.seed)
-    cache = model.init_cache(batch, total)
+    cache = model.init_cache(batch, total, memory) if compact else model.init_cache(batch, total)
+    inputs = {"memory": memory} if compact else {"hooks": hooks}
     key, sub = jax.random.split(key)
-    next_ids, cache = _step(graphdef, state, jnp.asarray(tokens), jnp.asarray(segments), cache, hooks, sub, sampling)
+    next_ids, cache = _step(graphdef, state, jnp.asarray(tokens), jnp.asarray(segments), cache, inputs, sub,
+                            sampling)
     out = np.zeros((batch, sampling.max_new_tokens), np.int32)
     done = np.zeros(batch, bool)
     ones = jnp.ones((batch, 1), jnp.int32)
@@ -84,7 +101,7 @@ def generate_ids(model: Decoder, prompts: list[list[int]], sampling: SamplingCon
         if done.all() or t == sampling.max_new_tokens - 1:
             break
         key, sub = jax.random.split(key)
-        next_ids, cache = _step(graphdef, state, jnp.asarray(ids)[:, None], ones, cache, hooks, sub, sampling)
+        next_ids, cache = _step(graphdef, state, jnp.asarray(ids)[:, None], ones, cache, inputs, sub, sampling)
     results = []
     for row in out:
         ids = row.tolist()
@@ -94,9 +111,9 @@ def generate_ids(model: Decoder, prompts: list[list[int]], sampling: SamplingCon
     return results
 
 
-def generate_text(model: Decoder, tokenizer: Tokenizer, prompts: list[str], sampling: SamplingConfig,
-                  hooks: Hooks | None = None) -> list[str]:
+def generate_text(model: Decoder | CompactDecoder, tokenizer: Tokenizer, prompts: list[str],
+                  sampling: SamplingConfig, hooks: Hooks | None = None, memory: RowMemory | None = None) -> list[str]:
     """Continue each text prompt; returns the decoded continuations."""
     ids = generate_ids(model, tokenizer.encode_batch(prompts), sampling, hooks=hooks, pad_id=tokenizer.pad_id,
-                       eos_id=tokenizer.eos_id)
+                       eos_id=tokenizer.eos_id, memory=memory)
     return [tokenizer.decode(row) for row in ids]
