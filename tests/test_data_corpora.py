@@ -206,3 +206,21 @@ def test_cli_prepare_and_stats(help_corpus, tmp_path, capsys):
 def test_wiki40b_markers_are_stripped():
     stored = "\n_START_ARTICLE_\nBerlin\n_START_SECTION_\nGeschichte\n_START_PARAGRAPH_\nErste Zeile._NEWLINE_Zweite."
     assert sources.wiki40b_plain_text(stored) == "Berlin\nGeschichte\nErste Zeile.\nZweite."
+
+
+def test_domains_from_config_specs(help_corpus, tmp_path):
+    data_dir, manual = help_corpus
+    write_folder(tmp_path / "corpus")
+    import tensorflow_datasets.text.wiki40b  # noqa: F401  registers the builder for the mock
+
+    domains = sources.from_specs(["libreoffice_help_aligned/en-US,de", f"folder:{tmp_path / 'corpus'}"], "train",
+                                 data_dir=data_dir, manual_dir=manual)
+    assert [d.name for d in domains] == ["en-US", "de", "cooking", "law"]
+    assert len(domains[0].records) == len(domains[1].records)
+    with tfds.testing.mock_data(num_examples=3, policy=tfds.testing.MockPolicy.USE_CODE):  # mocks every builder
+        assert [d.name for d in sources.from_specs(["wiki40b/ja"], "train")] == ["wiki40b/ja"]
+    with pytest.raises(ValueError, match="more than once"):
+        sources.from_specs(["libreoffice_help/de", "libreoffice_help/de"], "train", data_dir=data_dir,
+                           manual_dir=manual)
+    with pytest.raises(ValueError, match="names no language"):
+        sources.from_specs(["libreoffice_help/"], "train", data_dir=data_dir)

@@ -137,3 +137,33 @@ def catalog_source(name: str, split: str, *, text_key: str = "text", domain: str
     records = tfds.data_source(name, split=split, data_dir=os.fspath(data_dir) if data_dir else None, download=False)
     clean = wiki40b_plain_text if name.split("/")[0] == "wiki40b" else None
     return DomainSource(domain or name, records, text_key, clean)
+
+
+def from_specs(specs: Sequence[str], split: str, *, data_dir: str | os.PathLike | None = None,
+               manual_dir: str | os.PathLike | None = None) -> list[DomainSource]:
+    """Domains named by config strings, in order; each spec gives one or more domains:
+
+    * `libreoffice_help/en-US,de`: one domain per language;
+    * `libreoffice_help_aligned/en-US,de,ja,ru`: the same, restricted to the aligned view;
+    * `folder:/path/to/corpus`: one domain per sub-folder or file (`text_folder`);
+    * any other name, e.g. `wiki40b/de`: a prepared TFDS catalogue dataset as one domain.
+    """
+    domains = []
+    for spec in specs:
+        kind, _, rest = spec.partition("/")
+        if kind in ("libreoffice_help", "libreoffice_help_aligned"):
+            languages = [language.strip() for language in rest.split(",") if language.strip()]
+            if not languages:
+                raise ValueError(f"Data spec {spec!r} names no language; write e.g. '{kind}/en-US,de'")
+            domains += libreoffice_sources(languages, split, aligned=kind.endswith("aligned"), data_dir=data_dir,
+                                           manual_dir=manual_dir)
+        elif spec.startswith("folder:"):
+            domains += text_folder_sources(spec[len("folder:"):], split, data_dir=data_dir)
+        else:
+            domains.append(catalog_source(spec, split, data_dir=data_dir))
+    names = [domain.name for domain in domains]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"Data specs {list(specs)} give domains {duplicates} more than once; each domain must be "
+                         "named once")
+    return domains
