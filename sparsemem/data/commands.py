@@ -16,8 +16,8 @@ def _add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
     corpus.add_argument("--languages", default=DEMO_LANGUAGES,
                         help=f"comma-separated LibreOffice help languages (default {DEMO_LANGUAGES})")
     corpus.add_argument("--folder", help="a user corpus folder (one sub-folder or file per domain) instead")
-    parser.add_argument("--data-dir", default=libreoffice_help.DEFAULT_DATA_DIR,
-                        help="TFDS data directory where prepared corpora are cached (default %(default)s)")
+    parser.add_argument("--data-dir", help="TFDS data directory where prepared corpora are cached "
+                                           "(default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
     parser.add_argument("--manual-dir", help="folder with libreoffice-help-*.deb files or their extracted trees, "
                                              "for machines without apt-get")
 

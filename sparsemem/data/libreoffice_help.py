@@ -20,7 +20,6 @@ import tqdm
 
 from sparsemem.data import debian_packages, help_pages, paragraph_filters, splits
 
-DEFAULT_DATA_DIR = os.path.expanduser("~/tensorflow_datasets")
 log = logging.getLogger(__name__)
 
 
@@ -113,9 +112,10 @@ def read_pages(tree: Path, *, reference: dict[str, list] | None, dropped: collec
 
 
 def builder(language: str, data_dir: str | os.PathLike | None = None) -> LibreofficeHelp:
-    """The builder for one language, storing under `data_dir` (default `~/tensorflow_datasets`)."""
+    """The builder for one language, storing under `data_dir` (default: TFDS's, `$TFDS_DATA_DIR` or
+    `~/tensorflow_datasets`)."""
     debian_packages.check_language(language)
-    return LibreofficeHelp(config=language, data_dir=os.fspath(data_dir or DEFAULT_DATA_DIR),
+    return LibreofficeHelp(config=language, data_dir=os.fspath(data_dir) if data_dir else None,
                            file_format="array_record")
 
 

@@ -1,9 +1,10 @@
 """Keep the natural-language paragraphs of a help page, and count every paragraph dropped and why.
 
 Dropped: non-prose roles (code, formulas, table headers, images, navigation), text
-with too few letters (numbers, formulas, paths; a CJK character counts as two letters), repeated paragraph ids within a page
-(the first occurrence is kept), and in languages other than English, paragraphs whose
-text equals the English one for the same page and id (left untranslated).
+with too few letters (numbers, formulas, paths; a CJK character counts as two
+letters), repeated paragraph ids within a page (the first occurrence is kept), and in
+languages other than English, paragraphs whose text equals the English one for the
+same page and id (left untranslated).
 """
 
 from __future__ import annotations

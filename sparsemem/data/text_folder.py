@@ -130,9 +130,12 @@ class TextFolder(tfds.core.GeneratorBasedBuilder):
 
 
 def prepare(root: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> TextFolder:
-    """Build the corpus folder `root` unless already built (cached under `data_dir`); returns the builder."""
+    """Build the corpus folder `root` unless already built; returns the builder.
+
+    Cached under `data_dir` (default: TFDS's, `$TFDS_DATA_DIR` or `~/tensorflow_datasets`).
+    """
     folder_builder = TextFolder(config=TextFolderConfig(root),
-                                data_dir=os.fspath(data_dir or os.path.expanduser("~/tensorflow_datasets")),
+                                data_dir=os.fspath(data_dir) if data_dir else None,
                                 file_format="array_record")
     folder_builder.download_and_prepare()
     return folder_builder
