@@ -186,3 +186,9 @@ def test_bad_arguments_are_named(tokenizer, sources):
         DomainSource("empty", [])
     with pytest.raises(ValueError, match="No domains"):
         pipeline.train_batches([], tokenizer, seq_len=8, batch_size=2)
+
+
+def test_default_shard_is_this_jax_process():
+    assert pipeline.Shard.of_jax_process() == pipeline.Shard(0, 1)
+    with pytest.raises(ValueError, match=r"must be in \[0, 2\)"):
+        pipeline.Shard(2, 2)
