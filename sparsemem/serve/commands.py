@@ -1,9 +1,15 @@
-"""`sparsemem generate`: continue prompts with a model folder (default: the embedded Gemma-3-270M)."""
+"""Serving commands: `sparsemem generate` and `sparsemem export` (see `sparsemem.serve.export`).
+
+`generate` continues prompts with a model folder (default: the embedded Gemma-3-270M)
+or, with `--run`, with the compacted backbone and memory modules written by
+`sparsemem export`; `--domain` picks each prompt's memory module.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import pathlib
 import time
 
 from sparsemem.checkpoints.hf import load_hf_checkpoint, load_tokenizer
@@ -20,27 +26,72 @@ def _model_folder(model: str | None):
     return demo_model_dir()
 
 
+def export_folder(run: str, variant: str) -> pathlib.Path:
+    """The export folder given either itself or the run directory it was exported into."""
+    path = pathlib.Path(run)
+    for candidate in (path, path / "export" / variant / "serve"):
+        if (candidate / "backbone" / "config.json").exists():
+            return candidate
+    raise FileNotFoundError(f"no exported backbone in {path} or {path / 'export' / variant / 'serve'}; "
+                            f"run `sparsemem export --run {run} --variant {variant}` first")
+
+
+def _domains(args: argparse.Namespace) -> list[str] | None:
+    if not args.domain:
+        return None
+    if len(args.domain) == 1:
+        return args.domain * len(args.prompt)
+    if len(args.domain) != len(args.prompt):
+        raise SystemExit(f"error: {len(args.domain)} --domain flags for {len(args.prompt)} prompts; "
+                         "give one domain for all prompts or one per prompt")
+    return args.domain
+
+
 def generate(args: argparse.Namespace) -> int:
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               seed=args.seed)
-    folder = _model_folder(args.model)
     start = time.perf_counter()
-    log.info("loading %s", folder)
-    model = load_hf_checkpoint(folder)
-    tokenizer = load_tokenizer(folder, model.cfg)
-    log.info("loaded in %.1fs; generating", time.perf_counter() - start)
-    for prompt, continuation in zip(args.prompt, generate_text(model, tokenizer, args.prompt, sampling)):
+    if args.run:
+        if args.model:
+            raise SystemExit("error: give either --model or --run, not both")
+        from sparsemem.serve.deploy import Deployment  # noqa: PLC0415
+
+        folder = export_folder(args.run, args.variant)
+        log.info("loading %s", folder)
+        deployment = Deployment.load(folder, offload=args.offload_memory)
+        log.info("loaded in %.1fs (domains: %s); generating", time.perf_counter() - start,
+                 ", ".join(deployment.domains) or "none")
+        continuations = deployment.generate_text(args.prompt, _domains(args), sampling)
+    else:
+        if args.domain:
+            raise SystemExit("error: --domain needs --run (an exported run with memory modules)")
+        folder = _model_folder(args.model)
+        log.info("loading %s", folder)
+        model = load_hf_checkpoint(folder)
+        tokenizer = load_tokenizer(folder, model.cfg)
+        log.info("loaded in %.1fs; generating", time.perf_counter() - start)
+        continuations = generate_text(model, tokenizer, args.prompt, sampling)
+    for prompt, continuation in zip(args.prompt, continuations):
         print(f"{prompt}{continuation}")
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("generate", help="continue text prompts with a model",
+    from sparsemem.serve import export  # noqa: PLC0415
+
+    export.register(subparsers)
+    parser = subparsers.add_parser("generate", help="continue text prompts with a model or an exported run",
                                    description=__doc__)
     parser.add_argument("--prompt", action="append", required=True,
                         help="prompt text; repeat the flag for a batch of prompts")
     parser.add_argument("--model", help="Hugging Face model folder (config.json, *.safetensors, tokenizer.json); "
                                         "default: the embedded Gemma-3-270M demo model")
+    parser.add_argument("--run", help="run directory (or export folder) written by `sparsemem export`")
+    parser.add_argument("--variant", default="koff", help="with --run: the exported variant (default: koff)")
+    parser.add_argument("--domain", action="append",
+                        help="with --run: memory module to use; once for all prompts or once per prompt")
+    parser.add_argument("--offload-memory", action="store_true",
+                        help="with --run: keep the memory table in host memory, fetch rows per batch")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=int, default=None)

@@ -1,0 +1,143 @@
+"""`sparsemem export`: a trained run -> compacted backbone + one memory module per domain.
+
+`export` works on explicit pieces (dense decoder, 0/1 masks, memory table, domain
+names); `export_run` resolves them from a run directory (`sparsemem run`): the
+decoder from its config, `export/<variant>/mask.npz` and `memory/<domain>.npz`,
+and, for width rounding, the gate scores of the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import pathlib
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from sparsemem.checkpoints.memory_module import (MemoryModule, mask_fingerprint, params_fingerprint,
+                                                 save_memory_module)
+from sparsemem.models.decoder import Decoder
+from sparsemem.serve.backbone import Backbone, save_backbone
+from sparsemem.serve.compact import CompactLayout, compact_decoder, round_masks
+
+log = logging.getLogger(__name__)
+
+
+def model_fingerprint(decoder: Decoder) -> str:
+    """Fingerprint of a dense decoder's config and weights."""
+    flat = nnx.to_flat_state(nnx.state(decoder, nnx.Param))
+    return params_fingerprint(decoder.cfg, ((".".join(map(str, p)), np.asarray(jax.device_get(v[...])))
+                                            for p, v in flat))
+
+
+def merge_lora(decoder: Decoder, module: MemoryModule) -> Decoder:
+    """A copy of `decoder` with `module`'s LoRA deltas added to the projection weights (exact)."""
+    graphdef, state = nnx.split(decoder)
+    merged = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
+    s = module.lora_scale
+    targets = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w_gate", "up": "w_up", "down": "w_down"}
+    for proj in module.lora_targets:
+        var = getattr(merged.layers, targets[proj])
+        delta = np.einsum("lir,lro->lio", module.arrays[f"{proj}_a"], module.arrays[f"{proj}_b"]) * s
+        var[...] = var[...] + delta.reshape(var.shape).astype(var.dtype)
+    return merged
+
+
+def export(decoder: Decoder, masks: Mapping[str, np.ndarray], table: Mapping[str, np.ndarray],
+           domains: Sequence[str], lora_scale: float, out: str | pathlib.Path, *,
+           scores: Mapping[str, np.ndarray] | None = None, round_to: int | None = None,
+           merge_domain: str | None = None, tokenizer_file: str | pathlib.Path | None = None) -> pathlib.Path:
+    """Write `out/backbone/` (compacted) and `out/modules/<domain>/` for each row of `table [D, ...]`.
+
+    `round_to` rounds kept widths up to a multiple, keeping the best-`scores` pruned
+    units (modules stay full-width, so they fit either way). `merge_domain` folds
+    that domain's LoRA into the backbone weights for single-domain deployment.
+    """
+    out = pathlib.Path(out)
+    cfg = decoder.cfg
+    base_fp, mask_fp = model_fingerprint(decoder), mask_fingerprint(masks)
+    modules = {name: MemoryModule(name, {k: np.asarray(v[i]) for k, v in table.items()}, float(lora_scale),
+                                  base_fp, mask_fp) for i, name in enumerate(domains)}
+    for module in modules.values():
+        save_memory_module(module, out / "modules" / module.domain)
+    if round_to:
+        if scores is None:
+            raise ValueError("round_to needs unit scores (keep probabilities) to pick the next-best units")
+        masks = round_masks(cfg, masks, scores, round_to)
+    layout = CompactLayout.from_masks(cfg, masks)
+    if merge_domain is not None:
+        if merge_domain not in modules:
+            raise ValueError(f"cannot merge unknown domain {merge_domain!r}; known domains: {', '.join(domains)}")
+        decoder = merge_lora(decoder, modules[merge_domain])
+    backbone = Backbone(compact_decoder(decoder, layout), layout, base_fp, mask_fp, merge_domain)
+    save_backbone(backbone, out / "backbone", tokenizer_file)
+    log.info("exported %s: %d domains, widths per layer %s", out, len(modules), layout.widths())
+    return out
+
+
+def _gate_scores(checkpoint_dir: pathlib.Path) -> dict[str, np.ndarray]:
+    """Keep probabilities of every head and neuron from the latest run checkpoint (block gates folded in)."""
+    import orbax.checkpoint as ocp  # noqa: PLC0415
+
+    from sparsemem.checkpoints.run_state import RunCheckpointer  # noqa: PLC0415
+    from sparsemem.koff import gates, sparsity  # noqa: PLC0415
+
+    checkpointer = RunCheckpointer(checkpoint_dir)
+    step = checkpointer.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}: rounding widths needs the trained gates")
+    state = checkpointer.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    checkpointer.close()
+    keep = sparsity.keep_probs({k: np.asarray(v) for k, v in state["gates"].items()})
+    head, neuron = gates.scales(keep)
+    return {"head": np.asarray(head), "neuron": np.asarray(neuron)}
+
+
+def export_run(run_dir: str | pathlib.Path, variant: str = "koff", out: str | pathlib.Path | None = None, *,
+               round_to: int | None = None, merge_domain: str | None = None) -> pathlib.Path:
+    """Export `variant` of a `sparsemem run` directory (default output: `<run>/export/<variant>/serve`)."""
+    from sparsemem.experiment.export import load_mask  # noqa: PLC0415
+    from sparsemem.experiment.rundir import RunDir  # noqa: PLC0415
+    from sparsemem.experiment.setup import load_model  # noqa: PLC0415
+
+    run = RunDir(run_dir)
+    config = run.config()
+    masks = load_mask(run, variant)
+    memory_files = sorted((run.path / "export" / variant / "memory").glob("*.npz"))
+    domains = [p.stem for p in memory_files]
+    rows = [dict(np.load(p)) for p in memory_files]
+    table = {k: np.stack([r[k] for r in rows]) for k in rows[0]} if rows else {}
+    decoder, _ = load_model(config, None)
+    if config.model.source == "hf":
+        folder = pathlib.Path(config.model.path)
+    else:
+        from sparsemem.checkpoints.gguf import demo_model_dir  # noqa: PLC0415
+
+        folder = demo_model_dir()
+    scores = _gate_scores(run.path / "checkpoints" / variant) if round_to else None
+    lora_scale = config.koff.lora_alpha / max(config.koff.lora_rank, 1)
+    tokenizer = folder / "tokenizer.json"
+    return export(decoder, masks, table, domains, lora_scale, out or run.path / "export" / variant / "serve",
+                  scores=scores, round_to=round_to, merge_domain=merge_domain,
+                  tokenizer_file=tokenizer if tokenizer.exists() else None)
+
+
+def export_command(args: argparse.Namespace) -> int:
+    out = export_run(args.run, args.variant, args.out, round_to=args.round_to, merge_domain=args.merge_domain)
+    print(out)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("export", help="compact a trained run's backbone and export its memory modules",
+                                   description=__doc__)
+    parser.add_argument("--run", required=True, help="run directory written by `sparsemem run`")
+    parser.add_argument("--variant", default="koff", help="trained variant to export (default: koff)")
+    parser.add_argument("--out", help="output folder (default: <run>/export/<variant>/serve)")
+    parser.add_argument("--round-to", type=int, default=None,
+                        help="round kept widths up to a multiple (e.g. 128) by keeping the next-best units")
+    parser.add_argument("--merge-domain", help="merge this domain's LoRA into the backbone (single-domain serving)")
+    parser.set_defaults(func=export_command)
