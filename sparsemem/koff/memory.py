@@ -88,21 +88,18 @@ def hooks_from_rows(rows: Mapping[str, jax.Array], inv: jax.Array, lora_scale: f
     return Hooks(memory_k=per_example.get("k"), memory_v=per_example.get("v"), lora=lora)
 
 
+@nnx.jit
+def _prefill_chunk(decoder, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    batch, slots = tokens.shape
+    _, cache = decoder(tokens, cache=decoder.init_cache(batch, slots))
+    return jnp.moveaxis(cache.k, 1, 0), jnp.moveaxis(cache.v, 1, 0)
+
+
 def prefill_kv(decoder, tokens: jax.Array, batch_size: int = 8) -> tuple[jax.Array, jax.Array]:
-    """The frozen model's own keys/values over `tokens [D, M]`: `(k, v) [D, L, M, Hkv, Dh]`.
+    """The frozen model's own keys/values over `tokens [D, M]`: `(k, v) [D, L, M, Hkv, Dh]` (float32).
 
     Runs a cached prefill of each domain's first M tokens, `batch_size` domains at a time.
     """
-    num, slots = tokens.shape
-
-    @nnx.jit
-    def run(decoder, chunk):
-        _, cache = decoder(chunk, cache=decoder.init_cache(chunk.shape[0], slots))
-        return jnp.moveaxis(cache.k[:, :, :slots], 1, 0), jnp.moveaxis(cache.v[:, :, :slots], 1, 0)
-
-    ks, vs = [], []
-    for start in range(0, num, batch_size):
-        k, v = run(decoder, tokens[start:start + batch_size])
-        ks.append(k)
-        vs.append(v)
+    ks, vs = zip(*(_prefill_chunk(decoder, tokens[start:start + batch_size])
+                   for start in range(0, tokens.shape[0], batch_size)))
     return jnp.concatenate(ks).astype(jnp.float32), jnp.concatenate(vs).astype(jnp.float32)

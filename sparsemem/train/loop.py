@@ -61,13 +61,14 @@ def host_metrics(metrics: Mapping[str, jax.Array], seconds: float, batch_tokens:
 
 def train(trainer: KoffTrainer, state: TrainState, batches: Iterator[Mapping[str, np.ndarray]], *, num_steps: int,
           checkpointer: RunCheckpointer | None = None, save_every: int = 0,
-          data_state: Callable[[], dict] | None = None,
-          on_metrics: Callable[[int, dict], None] | None = None) -> tuple[TrainState, str]:
+          data_state: Callable[[], dict] | None = None, on_metrics: Callable[[int, dict], None] | None = None,
+          log_every: int = 10) -> tuple[TrainState, str]:
     """Train from `state.step` up to `num_steps`; returns `(state, "done" | "preempted" | "exhausted")`.
 
     `data_state()` returns the data iterator's resumable state *after* the batches
     consumed so far; it is saved with every checkpoint. `save_every=0` saves only
-    at the end (and on SIGTERM).
+    at the end (and on SIGTERM). `on_metrics(step, metrics)` gets every step's host
+    metrics (see `host_metrics`); every `log_every` steps a progress line is logged.
     """
 
     def save(state):
@@ -91,8 +92,13 @@ def train(trainer: KoffTrainer, state: TrainState, batches: Iterator[Mapping[str
                 raise NonFiniteLossError(
                     f"loss is {loss} at step {step}; stopped without saving (last good checkpoint: {where}). "
                     "Lower memory_lr/gate_lr, check the batch for empty or corrupt examples, or resume from it.")
+            host = host_metrics(metrics, time.perf_counter() - start, np.size(batch["inputs"]))
             if on_metrics is not None:
-                on_metrics(step, host_metrics(metrics, time.perf_counter() - start, np.size(batch["inputs"])))
+                on_metrics(step, host)
+            if log_every and step % log_every == 0:
+                log.info("step %d/%d  loss %.4f  sparsity %.3f (target %.3f)  lambda %.3f/%.3f  %.0f tokens/s",
+                         step, num_steps, loss, host["expected_sparsity"], host["target"], host["lambda1"],
+                         host["lambda2"], host["tokens_per_s"])
             if sigterm["requested"]:
                 save(state)
                 return state, "preempted"

@@ -41,7 +41,7 @@ BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 def _child(state: nnx.State) -> dict:
     """The pure dict of the one submodule a filtered `Koff` state holds."""
-    values = list(state.to_pure_dict().values())
+    values = list(nnx.to_pure_dict(state).values())
     return values[0] if values else {}  # a memory-free run (memory_slots=0, lora_rank=0) has no memory module
 
 
@@ -117,9 +117,8 @@ class KoffTrainer:
         old_d, new_d = old.num_domains, self.kcfg.num_domains
         if new_d <= old_d:
             raise ValueError(f"grow() needs a larger table: trainer has {new_d} domains, state has {old_d}")
-        fresh = self.init(None) if self.kcfg.memory_init == "random" or not self.kcfg.memory_slots else None
-        if fresh is None:
-            fresh = self._init()
+        fresh = self._init()
+        if self.kcfg.memory_init == "prefill" and self.kcfg.memory_slots:
             k, v = self._prefill(domain_tokens, new_d - old_d)
             fresh = fresh.replace(memory={**fresh.memory, "k": fresh.memory["k"].at[old_d:].set(k),
                                           "v": fresh.memory["v"].at[old_d:].set(v)})
@@ -160,8 +159,9 @@ class KoffTrainer:
         """Per-example sums of CE (and KL to the dense model) over the loss mask."""
         head, neuron = scales
         dtype = jnp.dtype(self.kcfg.compute_dtype)
-        memory = hooks_from_rows(rows, inv, self.kcfg.lora_alpha / max(self.kcfg.lora_rank, 1), dtype) \
-            if rows else Hooks()
+        memory = Hooks()
+        if rows:
+            memory = hooks_from_rows(rows, inv, self.kcfg.lora_alpha / max(self.kcfg.lora_rank, 1), dtype)
         hooks = Hooks(head_scale=head, neuron_scale=neuron, memory_k=memory.memory_k, memory_v=memory.memory_v,
                       lora=memory.lora)
         kwargs = dict(positions=mb["positions"], segment_ids=mb["segment_ids"])
