@@ -11,6 +11,7 @@ import sys
 COMMAND_MODULES = (
     "sparsemem.data.commands",
     "sparsemem.serve.commands",
+    "sparsemem.experiment.commands",
 )
 
 

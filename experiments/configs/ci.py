@@ -1,0 +1,34 @@
+"""End-to-end CI run: a random 2-layer decoder with the demo tokenizer on the help corpus; ~1-2 min on CPU.
+
+Exercises every phase (all four trained variants, evaluation, swap matrix, multiple choice,
+analysis, export, report); its numbers mean nothing.
+"""
+
+from sparsemem.experiment.config import defaults
+
+
+def get_config():
+    c = defaults()
+    c.name = "ci"
+    c.model.source = "random"
+    c.model.random = dict(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=64, seed=0)
+    c.data.languages = ("en-US", "de")
+    c.data.seq_len = 64
+    c.data.batch_size = 4
+    c.koff.target_sparsity = 0.25
+    c.koff.memory_slots = 4
+    c.koff.lora_rank = 2
+    c.koff.lora_targets = ("q", "down")
+    c.koff.loss_chunk = 256
+    c.train.steps = 6
+    c.train.variants = ("koff", "prune_only", "lora_only", "kv_only")
+    c.train.save_every = 3
+    c.train.log_every = 2
+    c.eval.paragraphs = 8
+    c.eval.batch_size = 4
+    c.eval.mc_questions = 2
+    c.eval.mc_prompt_tokens = 8
+    c.eval.mc_continuation_tokens = 4
+    c.analysis.paragraphs = 4
+    c.analysis.permutations = 50
+    return c

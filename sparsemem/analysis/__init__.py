@@ -1,0 +1,1 @@
+"""Neuron specialisation: language-specific neurons (LAPE) and whether the KOFF mask removes them."""

@@ -1,0 +1,134 @@
+"""Language activation probability entropy (LAPE; Tang et al. 2024) against a pruning mask.
+
+For every MLP neuron (layer l, neuron f) and domain d, the activation probability
+`P[d, l, f]` is the fraction of held-out tokens on which the neuron's gate
+pre-activation is positive (act(gate) > 0 for SiLU and GELU). Normalising `P`
+over domains gives a distribution whose entropy is low when the neuron fires for
+few languages: the `specific_fraction` lowest-entropy neurons, among those whose
+largest activation probability is at least the `min_activation_quantile` quantile,
+are "language-specific". We compare the fraction of them the mask removes with the
+fraction of all neurons it removes, and with random neuron sets of the same size
+and the same count per layer (a layer-stratified permutation test).
+
+Activations are read exactly without any capture hook: a copy of the decoder cut
+after layer l, whose last MLP is switched off (`neuron_scale` 0) and whose final norm
+is layer l's MLP norm, returns exactly the input of layer l's MLP.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sparsemem.models.decoder import Decoder
+from sparsemem.models.hooks import Hooks
+
+log = logging.getLogger(__name__)
+
+
+def _cut(decoder: Decoder, depth: int) -> Decoder:
+    """The first `depth` layers of `decoder`, with layer depth-1's MLP norm as the final norm."""
+    cfg = decoder.cfg.replace(num_layers=depth, layer_types=decoder.cfg.layer_types[:depth])
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), dtype=decoder.dtype)))
+    full = nnx.to_pure_dict(nnx.state(decoder, nnx.Param))
+    pure = {"embed": full["embed"], "layers": {k: v[:depth] for k, v in full["layers"].items()},
+            "final_norm": full["layers"]["mlp_norm"][depth - 1]}
+    if "unembed" in full:
+        pure["unembed"] = full["unembed"]
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
+
+
+@functools.partial(nnx.jit, static_argnames="num_domains")
+def _active_counts(cut: Decoder, w_gate: jax.Array, batch: dict, num_domains: int):
+    depth = cut.cfg.num_layers
+    off = jnp.ones((depth, cut.cfg.d_ff)).at[-1].set(0.0)
+    hidden, _ = cut(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"],
+                    hooks=Hooks(neuron_scale=off))
+    active = (jnp.einsum("btd,df->btf", hidden, w_gate.astype(hidden.dtype)) > 0).astype(jnp.float32)
+    real = (batch["segment_ids"] > 0).astype(jnp.float32)
+    per_row = jnp.einsum("btf,bt->bf", active, real)
+    return (jax.ops.segment_sum(per_row, batch["domain"], num_domains),
+            jax.ops.segment_sum(jnp.sum(real, 1), batch["domain"], num_domains))
+
+
+def activation_probabilities(decoder: Decoder, batches: list[dict], num_domains: int) -> np.ndarray:
+    """`P [D, L, F]`: per domain, the fraction of real tokens on which each MLP neuron is active."""
+    L, F = decoder.cfg.num_layers, decoder.cfg.d_ff
+    counts, tokens = np.zeros((num_domains, L, F)), np.zeros(num_domains)
+    w_gate = nnx.to_pure_dict(nnx.state(decoder, nnx.Param))["layers"]["w_gate"]
+    for layer in range(L):
+        cut = _cut(decoder, layer + 1)
+        for batch in batches:
+            batch = {k: jnp.asarray(v) for k, v in batch.items()}
+            c, t = jax.device_get(_active_counts(cut, w_gate[layer], batch, num_domains=num_domains))
+            counts[:, layer] += c
+            if layer == 0:
+                tokens += t
+        log.info("activation statistics: layer %d/%d", layer + 1, L)
+    if np.any(tokens == 0):
+        raise ValueError(f"no held-out tokens for domain(s) {np.flatnonzero(tokens == 0).tolist()}")
+    return counts / tokens[:, None, None]
+
+
+def lape(probs: np.ndarray) -> np.ndarray:
+    """Entropy `[L, F]` of each neuron's activation probabilities normalised over domains (axis 0)."""
+    total = probs.sum(0, keepdims=True)
+    p = np.divide(probs, total, out=np.full_like(probs, 1.0 / probs.shape[0]), where=total > 0)
+    return -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=0)
+
+
+def specific_neurons(probs: np.ndarray, *, fraction: float, min_activation_quantile: float) -> np.ndarray:
+    """Boolean `[L, F]`: the `fraction` of all neurons with lowest LAPE among sufficiently active ones."""
+    entropy = lape(probs)
+    peak = probs.max(0)
+    candidates = peak >= np.quantile(peak, min_activation_quantile)
+    count = int(round(fraction * entropy.size))
+    order = np.argsort(np.where(candidates, entropy, np.inf), axis=None, kind="stable")[:count]
+    out = np.zeros(entropy.size, bool)
+    out[order] = True
+    return out.reshape(entropy.shape)
+
+
+def removal_test(specific: np.ndarray, removed: np.ndarray, *, permutations: int, seed: int = 0) -> dict:
+    """Removed fraction among `specific` vs among all neurons; layer-stratified permutation p-value."""
+    observed = float(removed[specific].mean()) if specific.any() else float("nan")
+    rng = np.random.default_rng(seed)
+    per_layer = specific.sum(1)
+    draws = np.zeros(permutations)
+    for i in range(permutations):
+        hits = 0
+        for layer, k in enumerate(per_layer):
+            if k:
+                hits += removed[layer, rng.choice(removed.shape[1], k, replace=False)].sum()
+        draws[i] = hits / max(per_layer.sum(), 1)
+    return {"specific_neurons": int(specific.sum()), "removed_among_specific": observed,
+            "removed_among_all": float(removed.mean()), "chance_mean": float(draws.mean()),
+            "chance_95": float(np.quantile(draws, 0.95)),
+            "p_value": float((np.sum(draws >= observed) + 1) / (permutations + 1))}
+
+
+def specialisation(probs: np.ndarray, masks: dict[str, dict[str, np.ndarray]], domains: list[str], *,
+                   fraction: float, min_activation_quantile: float, permutations: int) -> dict:
+    """The analysis the report shows, for every variant's neuron mask."""
+    specific = specific_neurons(probs, fraction=fraction, min_activation_quantile=min_activation_quantile)
+    dominant = np.argmax(probs, axis=0)
+    entropy = lape(probs)
+    return {
+        "domains": domains,
+        "specific_per_layer": specific.sum(1).astype(int).tolist(),
+        "specific_by_domain": {d: int(np.sum(specific & (dominant == i))) for i, d in enumerate(domains)},
+        "entropy_max": float(np.log(len(domains))),
+        "tests": {variant: removal_test(specific, m["neuron"] == 0, permutations=permutations)
+                  for variant, m in masks.items()},
+        "entropy_hist": {variant: {"removed": np.histogram(entropy[m["neuron"] == 0], bins=20,
+                                                           range=(0, np.log(len(domains))))[0].tolist(),
+                                   "kept": np.histogram(entropy[m["neuron"] > 0], bins=20,
+                                                        range=(0, np.log(len(domains))))[0].tolist()}
+                         for variant, m in masks.items()},
+    }

@@ -1,0 +1,46 @@
+"""`sparsemem run` and `sparsemem analyze`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from sparsemem.experiment.config import apply_overrides, load_config
+
+log = logging.getLogger(__name__)
+
+
+def _quiet_libraries() -> None:
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO
+
+
+def _run(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from sparsemem.experiment import run as run_lib  # noqa: PLC0415 (imports jax)
+
+    config = apply_overrides(load_config(args.config), args.set or [])
+    try:
+        run_lib.run(config, args.workdir)
+    except run_lib.Interrupted as stop:
+        log.warning("%s", stop)
+    return 0
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from sparsemem.experiment import run as run_lib  # noqa: PLC0415
+
+    run_lib.analyze_run(args.workdir)
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("run", help="train, evaluate, export and report one experiment (resumable)")
+    p.add_argument("--config", required=True, help="experiments/configs/<name>.py")
+    p.add_argument("--workdir", default=None, help="run directory (default: runs/<config name>)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set koff.target_sparsity=0.06 (repeatable)")
+    p.set_defaults(func=_run)
+    p = subparsers.add_parser("analyze", help="LAPE neuron specialisation vs the mask of a finished run")
+    p.add_argument("--workdir", required=True, help="the run directory")
+    p.set_defaults(func=_analyze)

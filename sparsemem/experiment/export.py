@@ -1,0 +1,45 @@
+"""Export a trained variant: its deterministic mask, realised sparsity, and one memory module per domain."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from sparsemem.experiment.rundir import RunDir
+from sparsemem.koff import sparsity
+from sparsemem.koff.config import KoffConfig
+from sparsemem.models.config import ModelConfig
+from sparsemem.train.state import TrainState
+
+
+def export_variant(run: RunDir, variant: str, cfg: ModelConfig, kcfg: KoffConfig, state: TrainState,
+                   domains: list[str]) -> dict[str, np.ndarray]:
+    """Write `export/<variant>/{mask.npz, sparsity.json, memory/<domain>.npz}`; returns the 0/1 masks."""
+    masks = jax.device_get(sparsity.deterministic_masks(cfg, state.gates, kcfg.target_sparsity, kcfg.sparsity_over))
+    masks = {name: np.asarray(m) for name, m in masks.items()}
+    np.savez(run.file("export", variant, "mask.npz"), **masks)
+    remaining = sparsity.remaining_params(cfg, masks)
+    run.write_json(f"export/{variant}/sparsity.json", {
+        "target": kcfg.target_sparsity,
+        "target_over": kcfg.sparsity_over,
+        "prunable": float(sparsity.sparsity(cfg, remaining, "prunable")),
+        "all": float(sparsity.sparsity(cfg, remaining, "all")),
+        "heads_kept_per_layer": masks["head"].sum(1).astype(int).tolist(),
+        "neurons_kept_per_layer": masks["neuron"].sum(1).astype(int).tolist(),
+        "num_heads": cfg.num_heads,
+        "d_ff": cfg.d_ff,
+    })
+    memory = jax.device_get(state.memory)
+    for d, name in enumerate(domains):
+        if memory:
+            np.savez(run.file("export", variant, "memory", f"{name}.npz"), **{k: v[d] for k, v in memory.items()})
+    return masks
+
+
+def load_mask(run: RunDir, variant: str) -> dict[str, np.ndarray]:
+    path = run.path / "export" / variant / "mask.npz"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: the run has not finished training variant {variant!r}; "
+                                "rerun `sparsemem run` with its config to complete it")
+    with np.load(path) as data:
+        return dict(data)

@@ -1,0 +1,63 @@
+"""Training metrics: JSONL (one line per step), TensorBoard events, and a progress line with ETA."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import time
+
+import tensorboardX
+
+log = logging.getLogger(__name__)
+
+
+class MetricsLog:
+    """Appends per-step metrics of one variant to `metrics.jsonl` and `tensorboard/<variant>`."""
+
+    def __init__(self, run_path: pathlib.Path, variant: str, domains: list[str], *, total_steps: int,
+                 first_step: int, log_every: int):
+        self.file = open(run_path / "metrics.jsonl", "a")
+        self.tb = tensorboardX.SummaryWriter(str(run_path / "tensorboard" / variant))
+        self.variant, self.domains = variant, domains
+        self.total, self.first, self.log_every = total_steps, first_step, log_every
+        self.start = time.perf_counter()
+
+    def __call__(self, step: int, metrics: dict) -> None:
+        by_domain = {self.domains[d]: loss for d, loss in metrics.pop("loss_by_domain").items()}
+        self.file.write(json.dumps({"variant": self.variant, "step": step, **metrics,
+                                    "loss_by_domain": by_domain}) + "\n")
+        self.file.flush()
+        for key, value in metrics.items():
+            self.tb.add_scalar(key, value, step)
+        for domain, value in by_domain.items():
+            self.tb.add_scalar(f"loss/{domain}", value, step)
+        if step % self.log_every == 0 or step == self.total:
+            done = step - self.first
+            eta = (time.perf_counter() - self.start) / max(done, 1) * (self.total - step)
+            log.info("[%s] step %d/%d  loss %.3f  sparsity %.3f (target %.3f)  %.0f tok/s  ETA %s", self.variant,
+                     step, self.total, metrics["loss"], metrics["expected_sparsity"], metrics["target"],
+                     metrics["tokens_per_s"], _duration(eta))
+
+    def close(self) -> None:
+        self.file.close()
+        self.tb.close()
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def read_metrics(run_path: pathlib.Path) -> list[dict]:
+    """Metric lines of a run; a step logged twice (before and after a resume) keeps its last line."""
+    path = run_path / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[(row["variant"], row["step"])] = row
+    return sorted(rows.values(), key=lambda r: (r["variant"], r["step"]))

@@ -1,0 +1,195 @@
+"""`report.md` and its PNG plots, from the files of a run directory only (so notebooks can do the same)."""
+
+from __future__ import annotations
+
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from sparsemem.experiment.metrics import read_metrics  # noqa: E402
+from sparsemem.experiment.rundir import RunDir  # noqa: E402
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def perplexity_table(results: dict) -> str:
+    domains = results["domains"]
+    rows = [[results["settings"][name]] + [values[d] for d in domains] + [values["mean"]]
+            for name, values in results["perplexity"].items()]
+    return _table(["setting"] + domains + ["geo. mean"], rows)
+
+
+def swap_table(results: dict) -> str:
+    domains, swap = results["domains"], results["swap"]["perplexity"]
+    rows = [[f"memory {m}"] + [f"**{v:.3f}**" if i == j else f"{v:.3f}" for j, v in enumerate(row)]
+            for i, (m, row) in enumerate(zip(domains, swap))]
+    return _table(["memory \\ text"] + domains, rows)
+
+
+def mc_table(results: dict) -> str:
+    domains = results["domains"]
+    rows = [[results["settings"][name]] + [values[d] for d in domains] + [values["mean"]]
+            for name, values in results["mc"].items()]
+    return _table(["setting"] + domains + ["mean"], rows)
+
+
+def gap_summary(results: dict) -> list[str]:
+    """The paper's claims as measured numbers (mean loss over domains, nats/token)."""
+    loss = {name: values["mean"] for name, values in results["loss"].items()}
+    lines = []
+    baseline = "pruned_retrained" if "pruned_retrained" in loss else "pruned"
+    gap = loss[baseline] - loss["dense"]
+    lines.append(f"- pruning without memories ({results['settings'][baseline]}) costs "
+                 f"{gap:+.3f} nats/token vs dense (perplexity x{np.exp(gap):.2f}).")
+    if gap > 0:
+        recovered = (loss[baseline] - loss["koff"]) / gap
+        lines.append(f"- KOFF recovers {100 * recovered:.0f}% of that gap "
+                     f"(KOFF {loss['koff'] - loss['dense']:+.3f} nats/token vs dense).")
+    both, lora, kv = loss["koff"], loss["pruned_lora"], loss["pruned_kv"]
+    verdict = "beats" if both < min(lora, kv) else "does not beat"
+    lines.append(f"- LoRA + KV ({both:.3f}) {verdict} LoRA only ({lora:.3f}) and KV only ({kv:.3f}).")
+    wins = results["swap"]["diagonal_wins"]
+    lines.append(f"- memory swap: a domain's own memory is best for {wins}/{len(results['domains'])} domains.")
+    return lines
+
+
+def plot_training(metrics: list[dict], path) -> None:
+    variants = sorted({m["variant"] for m in metrics})
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for v in variants:
+        rows = [m for m in metrics if m["variant"] == v]
+        steps = [m["step"] for m in rows]
+        axes[0].plot(steps, [m["loss"] for m in rows], label=v)
+        axes[1].plot(steps, [m["expected_sparsity"] for m in rows], label=f"{v} expected")
+        axes[2].plot(steps, [m["lambda1"] for m in rows], label=f"{v} lambda1")
+    if metrics:
+        rows = [m for m in metrics if m["variant"] == variants[0]]
+        axes[1].plot([m["step"] for m in rows], [m["target"] for m in rows], "k--", label="target")
+    for ax, title in zip(axes, ("train loss (nats/token)", "expected sparsity (prunable)", "Lagrange multiplier")):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_sparsity(sparsities: dict[str, dict], path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for variant, s in sparsities.items():
+        layers = np.arange(len(s["heads_kept_per_layer"]))
+        axes[0].plot(layers, 1 - np.array(s["heads_kept_per_layer"]) / s["num_heads"], "o-", label=variant)
+        axes[1].plot(layers, 1 - np.array(s["neurons_kept_per_layer"]) / s["d_ff"], "o-", label=variant)
+    for ax, title in zip(axes, ("removed query heads per layer", "removed MLP neurons per layer")):
+        ax.set_title(title)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("fraction removed")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_swap(results: dict, path) -> None:
+    swap, domains = np.array(results["swap"]["perplexity"]), results["domains"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(domains) + 2, 1.0 * len(domains) + 1.5))
+    relative = swap / np.diag(swap)[None, :]
+    im = ax.imshow(relative, cmap="viridis")
+    for i in range(len(domains)):
+        for j in range(len(domains)):
+            ax.text(j, i, f"{swap[i, j]:.1f}", ha="center", va="center", color="w", fontsize=8)
+    ax.set_xticks(range(len(domains)), domains)
+    ax.set_yticks(range(len(domains)), domains)
+    ax.set_xlabel("text of domain")
+    ax.set_ylabel("memory of domain")
+    ax.set_title("perplexity (colour: relative to own memory)")
+    fig.colorbar(im)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_analysis(analysis: dict, path) -> None:
+    variants = list(analysis["tests"])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    x = np.arange(len(variants))
+    tests = [analysis["tests"][v] for v in variants]
+    axes[0].bar(x - 0.25, [t["removed_among_all"] for t in tests], 0.25, label="all neurons")
+    axes[0].bar(x, [t["removed_among_specific"] for t in tests], 0.25, label="language-specific")
+    axes[0].bar(x + 0.25, [t["chance_mean"] for t in tests], 0.25,
+                yerr=[[0] * len(tests), [t["chance_95"] - t["chance_mean"] for t in tests]],
+                label="chance (layer-stratified, 95%)")
+    axes[0].set_xticks(x, variants)
+    axes[0].set_ylabel("fraction removed by the mask")
+    axes[0].legend(fontsize=8)
+    hist = analysis["entropy_hist"][variants[0]]
+    edges = np.linspace(0, analysis["entropy_max"], len(hist["kept"]) + 1)
+    for name in ("kept", "removed"):
+        counts = np.array(hist[name], float)
+        axes[1].stairs(counts / max(counts.sum(), 1), edges, label=f"{name} ({variants[0]})")
+    axes[1].set_xlabel("LAPE (entropy over languages)")
+    axes[1].set_ylabel("fraction of neurons")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(run: RunDir) -> str:
+    """Render `report.md` and `plots/*.png` from the run directory; returns the markdown."""
+    config = run.config()
+    results, analysis, timing = run.read_json("eval.json"), run.read_json("analysis.json"), run.read_json("timing.json")
+    sparsities = {v: run.read_json(f"export/{v}/sparsity.json") for v in config.train.variants}
+    sparsities = {v: s for v, s in sparsities.items() if s}
+    metrics = read_metrics(run.path)
+    out = [f"# KOFF run `{config.name}`", ""]
+    out.append(f"Model `{config.model.source}`{' ' + config.model.path if config.model.path else ''}, corpus "
+               f"`{config.data.corpus}` ({', '.join(config.data.languages) if config.data.corpus != 'folder' else config.data.folder}), "
+               f"{config.train.steps} steps x {config.data.batch_size} x {config.data.seq_len} tokens per variant, "
+               f"target sparsity {config.koff.target_sparsity} over {config.koff.sparsity_over} parameters, "
+               f"{config.koff.memory_slots} KV slots, LoRA rank {config.koff.lora_rank} on "
+               f"{', '.join(config.koff.lora_targets) or 'nothing'}. Resolved config: `config.json`.")
+    if timing:
+        out += ["", "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timing.items())
+                + f"; total {sum(timing.values()):.0f} s ({sum(timing.values()) / 60:.1f} min)."]
+    plots = run.path / "plots"
+    plots.mkdir(exist_ok=True)
+    if sparsities:
+        out += ["", "## Sparsity (deterministic masks)", "",
+                _table(["variant", "target", "realised (prunable)", "realised (all params)"],
+                       [[v, s["target"], s["prunable"], s["all"]] for v, s in sparsities.items()])]
+        plot_sparsity(sparsities, plots / "sparsity_per_layer.png")
+        out += ["", "![sparsity per layer](plots/sparsity_per_layer.png)"]
+    if metrics:
+        plot_training(metrics, plots / "training.png")
+        out += ["", "## Training", "", "![training curves](plots/training.png)"]
+    if results:
+        out += ["", f"## Held-out perplexity ({config.eval.split} split, up to {config.eval.paragraphs} paragraphs "
+                "per domain)", "", perplexity_table(results), "", *gap_summary(results),
+                "", "## Memory swap (perplexity of text j with memory i; KOFF mask)", "", swap_table(results),
+                "", "![memory swap](plots/swap.png)"]
+        plot_swap(results, plots / "swap.png")
+        if results["mc"]:
+            out += ["", f"## Multiple choice (true continuation among 4, {results['mc_questions_per_domain']} "
+                    "questions per domain; accuracy, chance 0.25)", "", mc_table(results)]
+    if analysis:
+        rows = [[v, t["specific_neurons"], t["removed_among_specific"], t["removed_among_all"], t["chance_mean"],
+                 t["chance_95"], t["p_value"]] for v, t in analysis["tests"].items()]
+        out += ["", "## Language-specific neurons (LAPE) vs the mask", "",
+                f"Language-specific neurons by dominant language: {json.dumps(analysis['specific_by_domain'])}.", "",
+                _table(["mask", "specific neurons", "removed among specific", "removed among all",
+                        "chance mean", "chance 95%", "p (one-sided)"], rows),
+                "", "![LAPE](plots/lape.png)"]
+        plot_analysis(analysis, plots / "lape.png")
+    text = "\n".join(out) + "\n"
+    (run.path / "report.md").write_text(text)
+    return text

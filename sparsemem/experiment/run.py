@@ -1,0 +1,143 @@
+"""`sparsemem run`: train every variant, export, evaluate, analyse and report, resumably.
+
+Each phase leaves its result in the run directory and is skipped when that result
+is there: training resumes from the variant's latest checkpoint (with the data
+iterator's state), evaluation and analysis rerun only if their JSON is missing,
+and the report is rewritten every time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ml_collections
+import numpy as np
+
+from sparsemem.analysis import lape
+from sparsemem.checkpoints.run_state import RunCheckpointer
+from sparsemem.data import pipeline
+from sparsemem.evaluation import multiple_choice, settings as settings_lib, suite
+from sparsemem.evaluation.scoring import Scorer
+from sparsemem.experiment import setup
+from sparsemem.experiment.config import koff_config
+from sparsemem.experiment.export import export_variant, load_mask
+from sparsemem.experiment.metrics import MetricsLog
+from sparsemem.experiment.report import write_report
+from sparsemem.experiment.rundir import RunDir, Timer
+from sparsemem.train.loop import train
+from sparsemem.train.trainer import KoffTrainer
+
+log = logging.getLogger(__name__)
+
+
+class Interrupted(RuntimeError):
+    """Training stopped on SIGTERM after saving a checkpoint; the same command resumes it."""
+
+
+def default_workdir(config: ml_collections.ConfigDict) -> str:
+    return os.path.join("runs", config.name)
+
+
+def _train_variant(run: RunDir, config, trainer: KoffTrainer, variant: str, corpus: setup.Corpus, tokenizer):
+    kcfg, steps = trainer.kcfg, config.train.steps
+    checkpointer = RunCheckpointer(run.path / "checkpoints" / variant, max_to_keep=2)
+    batches = pipeline.train_batches(corpus.train, tokenizer, seq_len=config.data.seq_len,
+                                     batch_size=config.data.batch_size, seed=config.data.seed)
+    if checkpointer.latest_step() is not None:
+        state, data_state = checkpointer.restore(trainer.abstract_state)
+        batches.set_state(data_state)
+        log.info("[%s] resuming from step %d", variant, int(state.step))
+    else:
+        prefill = kcfg.memory_init == "prefill" and kcfg.memory_slots > 0
+        state = trainer.init(setup.prefill_tokens(corpus.train, tokenizer, kcfg.memory_slots) if prefill else None)
+    if int(state.step) < steps:
+        metrics = MetricsLog(run.path, variant, corpus.names, total_steps=steps, first_step=int(state.step),
+                             log_every=config.train.log_every)
+        try:
+            state, status = train(trainer, state, batches, num_steps=steps, checkpointer=checkpointer,
+                                  save_every=config.train.save_every, data_state=batches.get_state,
+                                  on_metrics=metrics)
+        finally:
+            metrics.close()
+        if status == "preempted":
+            raise Interrupted(f"[{variant}] stopped at step {int(state.step)} on SIGTERM; checkpoint saved in "
+                              f"{checkpointer.directory}; rerun the same command to resume")
+    checkpointer.close()
+    return state
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | None = None) -> RunDir:
+    """Run (or resume) the experiment `config` in `workdir` (default `runs/<name>`)."""
+    run = RunDir.prepare(workdir or default_workdir(config), config)
+    log.info("run directory %s", run.path)
+    with Timer(run, "setup"):
+        mesh = setup.mesh_for(config)
+        decoder, tokenizer = setup.load_model(config, mesh)
+        corpus = setup.load_corpus(config)
+    names, D = corpus.names, len(corpus.names)
+    trainers, masks, tables, lora_scales = {}, {}, {}, {}
+    for variant in config.train.variants:
+        kcfg = koff_config(config, D, variant)
+        trainer = KoffTrainer(decoder, kcfg, mesh)
+        with Timer(run, f"train_{variant}"):
+            state = _train_variant(run, config, trainer, variant, corpus, tokenizer)
+        masks[variant] = export_variant(run, variant, decoder.cfg, kcfg, state, names)
+        tables[variant] = state.memory
+        lora_scales[variant] = kcfg.lora_alpha / max(kcfg.lora_rank, 1)
+        trainers[variant] = trainer
+
+    if run.read_json("eval.json") is None:
+        with Timer(run, "evaluate"):
+            results = _evaluate(config, trainers["koff"], corpus, tokenizer, masks, tables, lora_scales)
+        run.write_json("eval.json", results)
+    del trainers, tables
+
+    if config.analysis.enabled and run.read_json("analysis.json") is None:
+        with Timer(run, "analysis"):
+            run.write_json("analysis.json", analyze(config, decoder, tokenizer, masks))
+    write_report(run)
+    log.info("report: %s", run.path / "report.md")
+    return run
+
+
+def _evaluate(config, trainer, corpus, tokenizer, masks, tables, lora_scales) -> dict:
+    e = config.eval
+    batches = list(pipeline.eval_batches(corpus.held_out, tokenizer, seq_len=config.data.seq_len,
+                                         batch_size=e.batch_size))
+    questions = []
+    if e.mc_questions:
+        ids = [setup.token_ids(source, tokenizer) for source in corpus.held_out_all]
+        questions = multiple_choice.build_questions(ids, num_questions=e.mc_questions,
+                                                    prompt_tokens=e.mc_prompt_tokens,
+                                                    continuation_tokens=e.mc_continuation_tokens,
+                                                    aligned=corpus.aligned, seed=config.data.seed)
+    return suite.evaluate(Scorer(trainer), settings_lib.resolve(config.train.variants), domains=corpus.names,
+                          batches=batches, masks=masks, tables=tables, lora_scales=lora_scales, questions=questions,
+                          mc_settings=e.mc_settings, batch_size=e.batch_size, pad_id=tokenizer.pad_id)
+
+
+def analyze(config, decoder, tokenizer, masks: dict[str, dict[str, np.ndarray]]) -> dict:
+    """LAPE specialisation of the dense model's neurons on held-out text, against every variant's mask."""
+    a = config.analysis
+    corpus = setup.load_corpus(config, count=a.paragraphs)
+    batches = list(pipeline.eval_batches(corpus.held_out, tokenizer, seq_len=config.data.seq_len,
+                                         batch_size=config.eval.batch_size))
+    probs = lape.activation_probabilities(decoder, batches, len(corpus.names))
+    return lape.specialisation(probs, masks, corpus.names, fraction=a.specific_fraction,
+                               min_activation_quantile=a.min_activation_quantile, permutations=a.permutations)
+
+
+def analyze_run(workdir: str) -> RunDir:
+    """`sparsemem analyze`: (re)compute analysis.json of a finished run and rewrite its report."""
+    run = RunDir(workdir)
+    config = run.config()
+    masks = {variant: load_mask(run, variant) for variant in config.train.variants}
+    mesh = setup.mesh_for(config)
+    decoder, tokenizer = setup.load_model(config, mesh)
+    with Timer(run, "analysis"):
+        run.write_json("analysis.json", analyze(config, decoder, tokenizer, masks))
+    write_report(run)
+    log.info("report: %s", run.path / "report.md")
+    return run
+

@@ -1,0 +1,103 @@
+"""Build what a run needs from its config: mesh, decoder, tokenizer, train/held-out domains."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from sparsemem.checkpoints.hf import load_hf_checkpoint, load_tokenizer, read_config
+from sparsemem.data import sources as sources_lib
+from sparsemem.data.sources import DomainSource, SubsetRecords
+from sparsemem.models.decoder import Decoder
+from sparsemem.parallel.mesh import make_mesh
+from sparsemem.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def mesh_for(config: ml_collections.ConfigDict):
+    n = config.mesh.data
+    if n > len(jax.devices()):
+        raise ValueError(f"mesh.data={n} but only {len(jax.devices())} devices are visible")
+    return make_mesh({"data": n}, devices=jax.devices()[:n])
+
+
+def load_model(config: ml_collections.ConfigDict, mesh) -> tuple[Decoder, Tokenizer]:
+    """The frozen decoder (on `mesh`) and its tokenizer."""
+    m = config.model
+    dtype = jnp.dtype(m.param_dtype)
+    if m.source == "hf":
+        folder = m.path
+    else:
+        from sparsemem.checkpoints.gguf import demo_model_dir  # noqa: PLC0415 (needs the demo extra)
+        folder = demo_model_dir()
+    tokenizer = load_tokenizer(folder, read_config(folder))
+    if m.source != "random":
+        log.info("loading %s", folder)
+        return load_hf_checkpoint(folder, mesh=mesh, param_dtype=dtype), tokenizer
+    cfg = read_config(folder)
+    dims = {k: v for k, v in m.random.to_dict().items() if k != "seed"}
+    cfg = cfg.replace(**dims)
+    log.info("random decoder %s (tokenizer of %s)", dims, folder)
+    return Decoder(cfg, rngs=nnx.Rngs(m.random.seed), param_dtype=dtype), tokenizer
+
+
+@dataclasses.dataclass
+class Corpus:
+    names: list[str]
+    train: list[DomainSource]
+    held_out: list[DomainSource]  # capped, evenly spread over the split
+    held_out_all: list[DomainSource]  # the whole held-out split (multiple-choice questions are drawn from it)
+    aligned: bool  # held_out[i].records[j] translates held_out[k].records[j]
+
+
+def _spread(source: DomainSource, count: int) -> DomainSource:
+    n = len(source.records)
+    if n == 0:
+        raise ValueError(f"domain {source.name!r} has no held-out paragraphs")
+    indices = np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(int)).tolist()
+    return DomainSource(source.name, SubsetRecords(source.records, indices), source.text_key, source.clean)
+
+
+def load_corpus(config: ml_collections.ConfigDict, count: int | None = None) -> Corpus:
+    """Train domains and `count` (default `eval.paragraphs`) held-out paragraphs per domain."""
+    d = config.data
+    data_dir = d.data_dir or None
+    count = config.eval.paragraphs if count is None else count
+    if d.corpus == "libreoffice_help":
+        train = sources_lib.libreoffice_sources(list(d.languages), "train", data_dir=data_dir)
+        held = sources_lib.libreoffice_sources(list(d.languages), config.eval.split, aligned=True, data_dir=data_dir)
+        aligned = True
+    else:
+        train = sources_lib.text_folder_sources(d.folder, "train", data_dir=data_dir)
+        held = sources_lib.text_folder_sources(d.folder, config.eval.split, data_dir=data_dir)
+        aligned = False
+    return Corpus([s.name for s in train], train, [_spread(s, count) for s in held], held, aligned)
+
+
+def token_ids(source: DomainSource, tokenizer: Tokenizer) -> list[list[int]]:
+    """Every record of `source` tokenised with BOS."""
+    texts = [source.text(source.records[i]) for i in range(len(source.records))]
+    return tokenizer.encode_batch(texts, add_bos=True)
+
+
+def prefill_tokens(train: list[DomainSource], tokenizer: Tokenizer, slots: int) -> np.ndarray:
+    """`[D, slots]`: the first `slots` tokens of each domain's training text (paragraphs joined with EOS)."""
+    rows = []
+    for source in train:
+        ids: list[int] = []
+        for i in range(len(source.records)):
+            ids += tokenizer.encode(source.text(source.records[i]), add_bos=not ids) + [tokenizer.eos_id]
+            if len(ids) >= slots:
+                break
+        if len(ids) < slots:
+            raise ValueError(f"domain {source.name!r} has only {len(ids)} training tokens; "
+                             f"koff.memory_slots={slots} needs more (or set koff.memory_init='random')")
+        rows.append(ids[:slots])
+    return np.asarray(rows, np.int32)

@@ -1,0 +1,58 @@
+"""Multiple-choice questions: construction, row layout, scoring."""
+
+import numpy as np
+
+from sparsemem.evaluation import multiple_choice as mc
+
+
+def _paragraphs(domain_offset, lengths):
+    return [[2] + [domain_offset + 100 * p + i for i in range(n)] for p, n in enumerate(lengths)]
+
+
+def test_questions_have_one_true_continuation_and_are_aligned_across_domains():
+    lengths = [10, 3, 12, 15, 9, 20, 11]  # paragraph 1 and 4 are too short for 4 + 4 tokens
+    ids = [_paragraphs(0, lengths), _paragraphs(10_000, lengths)]
+    questions = mc.build_questions(ids, num_questions=3, prompt_tokens=4, continuation_tokens=4, aligned=True)
+    assert len(questions) == 6
+    for q in questions:
+        paragraph = (q.prompt[1] - 10_000 * q.domain) // 100
+        assert lengths[paragraph] >= 8
+        assert q.prompt == tuple(ids[q.domain][paragraph][:5])
+        assert q.choices[q.answer] == tuple(ids[q.domain][paragraph][5:9])
+        assert len(set(q.choices)) == 4 and all(len(c) == 4 for c in q.choices)
+    first, second = questions[:3], questions[3:]
+    assert [q.answer for q in first] == [q.answer for q in second]
+    assert [(q.prompt[1] % 10_000) for q in first] == [(q.prompt[1] % 10_000) for q in second]
+
+
+def test_rows_put_the_loss_on_the_choice_tokens_only():
+    q = mc.Question(domain=1, prompt=(2, 5, 6), choices=((7, 8), (9, 10), (11, 12), (13, 14)), answer=2)
+    (batch,) = mc.question_batches([q], batch_size=4, pad_id=0)
+    np.testing.assert_array_equal(batch["inputs"][2], [2, 5, 6, 11])
+    np.testing.assert_array_equal(batch["targets"][2], [5, 6, 11, 12])
+    np.testing.assert_array_equal(batch["loss_mask"][2], [0, 0, 1, 1])
+    np.testing.assert_array_equal(batch["domain"], [1, 1, 1, 1])
+
+
+class _FakeScorer:
+    """Loss = sum of target ids under the mask: the choice with the smallest ids wins."""
+
+    def row_losses(self, batch, **_):
+        return (batch["targets"] * batch["loss_mask"]).sum(1), batch["loss_mask"].sum(1)
+
+
+def test_accuracy_per_domain():
+    right = mc.Question(0, (2, 5), ((1, 1), (9, 9), (8, 8), (7, 7)), answer=0)
+    wrong = mc.Question(0, (2, 5), ((1, 1), (9, 9), (8, 8), (7, 7)), answer=3)
+    other = mc.Question(1, (2, 5), ((9, 9), (8, 8), (1, 1), (7, 7)), answer=2)
+    acc = mc.accuracy(_FakeScorer(), [right, wrong, other], 3, batch_size=3, pad_id=0)
+    np.testing.assert_allclose(acc[:2], [0.5, 1.0])
+    assert np.isnan(acc[2])
+
+
+def test_too_few_long_paragraphs_is_a_clear_error():
+    import pytest
+
+    with pytest.raises(ValueError, match="mc_questions=0"):
+        mc.build_questions([_paragraphs(0, [10, 10, 2])], num_questions=2, prompt_tokens=4,
+                           continuation_tokens=4, aligned=False)

@@ -1,0 +1,78 @@
+"""Experiment configs: schema checks, overrides, run-directory config guard."""
+
+import json
+import pathlib
+
+import pytest
+
+from sparsemem.experiment import config as config_lib
+from sparsemem.experiment.rundir import RunDir
+
+CONFIGS = pathlib.Path(__file__).parent.parent / "experiments" / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.py")), ids=lambda p: p.stem)
+def test_every_shipped_config_loads_and_validates(path):
+    config = config_lib.load_config(path)
+    assert config.name == path.stem or config.name.startswith(path.stem)
+    assert "koff" in config.train.variants
+
+
+def test_override_parses_types_and_promotes_int_to_float():
+    base = config_lib.load_config(CONFIGS / "demo.py")
+    config = config_lib.apply_overrides(base, ["koff.target_sparsity=0", "train.steps=7",
+                                               "data.languages=['en-US', 'de']", "name=x"])
+    assert config.koff.target_sparsity == 0.0 and isinstance(config.koff.target_sparsity, float)
+    assert config.train.steps == 7
+    assert tuple(config.data.languages) == ("en-US", "de")
+    assert config.name == "x"
+    assert base.train.steps != 7  # the base is not modified
+
+
+@pytest.mark.parametrize("override, message", [
+    ("koff.target_sparsty=0.1", "unknown config key(s) ['koff.target_sparsty']"),
+    ("train.steps=1.5", "train.steps=1.5 (number, expected int"),
+    ("koff.lora_targets=q", "koff.lora_targets='q' (str, expected sequence"),
+    ("eval.mc_questions", "is not KEY=VALUE"),
+    ("koff.target_sparsity=1.5", "target_sparsity=1.5 must be in [0, 1)"),
+    ("train.variants=('prune_only',)", "must include 'koff'"),
+    ("koff.lora_targets=('q', 'x')", "unknown lora_targets ['x']"),
+])
+def test_bad_override_is_refused_naming_the_key(override, message):
+    with pytest.raises(ValueError, match=None) as error:
+        config_lib.apply_overrides(config_lib.load_config(CONFIGS / "ci.py"), [override])
+    assert message in str(error.value)
+
+
+def test_config_file_with_unknown_key_is_refused(tmp_path):
+    path = tmp_path / "bad.py"
+    path.write_text("from sparsemem.experiment.config import defaults\n"
+                    "def get_config():\n    c = defaults()\n    c.train.stpes = 3\n    return c\n")
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['train.stpes'\]"):
+        config_lib.load_config(path)
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="experiments/configs"):
+        config_lib.load_config(tmp_path / "nope.py")
+
+
+def test_run_directory_refuses_a_different_config_and_reopens_the_same(tmp_path):
+    base = config_lib.load_config(CONFIGS / "ci.py")
+    RunDir.prepare(tmp_path / "run", base)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["koff"]["target_sparsity"] == base.koff.target_sparsity
+    RunDir.prepare(tmp_path / "run", base)  # same config: resume
+    other = config_lib.apply_overrides(base, ["koff.target_sparsity=0.06", "train.steps=9"])
+    with pytest.raises(ValueError, match=r"different config \(koff.target_sparsity: 0.25 -> 0.06; "
+                                         r"train.steps: 6 -> 9\)"):
+        RunDir.prepare(tmp_path / "run", other)
+
+
+def test_variants_map_to_koff_configs():
+    config = config_lib.load_config(CONFIGS / "ci.py")
+    assert config_lib.koff_config(config, 3, "prune_only").memory_slots == 0
+    assert config_lib.koff_config(config, 3, "prune_only").lora_targets == ()
+    assert config_lib.koff_config(config, 3, "kv_only").lora_rank == 0
+    lora = config_lib.koff_config(config, 3, "lora_only")
+    assert lora.memory_slots == 0 and lora.lora_rank == config.koff.lora_rank and lora.num_domains == 3
