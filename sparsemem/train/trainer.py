@@ -63,7 +63,11 @@ class KoffTrainer:
             koff_abstract = nnx.eval_shape(lambda: Koff(self.cfg, kcfg, rngs=nnx.Rngs(0)))
             self.koff_def, groups = split(koff_abstract)
             memory_sh = _child(state_shardings(groups["memory"], self.mesh))
-        self.backbone = jax.device_put(backbone, self.backbone_shardings)
+        # An abstract decoder (`nnx.eval_shape`) gives a compile-only trainer: the backbone stays abstract.
+        abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(backbone))
+        self.backbone = (jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), backbone,
+                                      self.backbone_shardings) if abstract
+                         else jax.device_put(backbone, self.backbone_shardings))
         self.gate_tx = optax.adam(kcfg.gate_lr, b1=kcfg.adam_b1, b2=kcfg.adam_b2, eps=kcfg.adam_eps)
         self.lambda_tx = optax.sgd(kcfg.lambda_lr)  # fed negated gradients: ascent
         self.counts = sparsity.ParamCounts.of(self.cfg)
@@ -130,7 +134,11 @@ class KoffTrainer:
 
     # -- batches ------------------------------------------------------------
     def place_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-        """Check a host batch and put it on the mesh, sharded along `batch`."""
+        """Check this process's host batch and put it on the mesh, sharded along `batch`.
+
+        With several processes (multi-host), each passes its own rows (its data shard)
+        and the global batch is their concatenation in process order.
+        """
         missing = [k for k in BATCH_KEYS + ("domain",) if k not in batch]
         if missing:
             raise ValueError(f"batch lacks {missing}; a batch has {BATCH_KEYS} [B, T] and domain [B]")
@@ -147,11 +155,16 @@ class KoffTrainer:
         if b % self.kcfg.accum_steps:
             raise ValueError(f"batch size {b} is not a multiple of accum_steps={self.kcfg.accum_steps}")
         out = {}
+        processes = jax.process_count()  # each process passes its own rows; the global batch stacks them
         with axis_rules(self.rules):
             for key in BATCH_KEYS + ("domain",):
                 value = np.asarray(batch[key], np.int32 if key != "loss_mask" else np.float32)
-                out[key] = jax.device_put(value, named_sharding(self.mesh, ("batch",) + (None,) * (value.ndim - 1),
-                                                                value.shape))
+                shape = (b * processes,) + value.shape[1:]
+                sharding = named_sharding(self.mesh, ("batch",) + (None,) * (value.ndim - 1), shape)
+                if processes > 1 and sharding.spec[0] is None:
+                    raise ValueError(f"global batch {shape[0]} ({processes} processes x {b}) is not divisible by "
+                                     f"the mesh's batch axes {dict(self.mesh.shape)}; change batch_size or the mesh")
+                out[key] = jax.make_array_from_process_local_data(sharding, value, shape)
         return out
 
     # -- forward pieces -------------------------------------------------------
