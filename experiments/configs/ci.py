@@ -20,9 +20,9 @@ def get_config():
     c.koff.lora_rank = 2
     c.koff.lora_targets = ("q", "down")
     c.koff.loss_chunk = 256
-    c.train.steps = 6
+    c.train.steps = 4
     c.train.variants = ("koff", "prune_only", "lora_only", "kv_only")
-    c.train.save_every = 3
+    c.train.save_every = 2
     c.train.log_every = 2
     c.eval.paragraphs = 8
     c.eval.batch_size = 4

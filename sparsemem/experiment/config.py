@@ -40,8 +40,8 @@ def defaults() -> ml_collections.ConfigDict:
         random=dict(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, head_dim=16, d_ff=128, seed=0),
     )
     c.data = dict(
-        corpus="libreoffice_help",  # or "folder" (one sub-folder/file per domain, see docs/data.md)
-        languages=("en-US", "de", "ja", "ru"),
+        corpus="libreoffice_help",  # "folder" (one sub-folder/file per domain, docs/data.md) or "wiki40b"
+        languages=("en-US", "de", "ja", "ru"),  # help-corpus or wiki40b language codes; unused for "folder"
         folder="",
         data_dir="",  # TFDS data dir; "" = the TFDS default
         seq_len=128,
@@ -72,7 +72,9 @@ def defaults() -> ml_collections.ConfigDict:
         min_activation_quantile=0.5,  # neurons whose max activation prob. is below this quantile are not candidates
         permutations=1000,
     )
-    c.mesh = dict(data=1)  # devices along the data axis (the train step shards the batch over them)
+    # Devices per mesh axis (their product is the number of devices used); `distributed` calls
+    # jax.distributed.initialize() first (multi-host TPU slices).
+    c.mesh = dict(data=1, fsdp=1, model=1, distributed=False)
     return c
 
 
@@ -178,11 +180,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         problems.append(f"model.source={c.model.source!r} must be 'demo', 'hf' or 'random'")
     if c.model.source == "hf" and not c.model.path:
         problems.append("model.source='hf' needs model.path (a Hugging Face folder)")
-    if c.data.corpus not in ("libreoffice_help", "folder"):
-        problems.append(f"data.corpus={c.data.corpus!r} must be 'libreoffice_help' or 'folder'")
+    if c.data.corpus not in ("libreoffice_help", "folder", "wiki40b"):
+        problems.append(f"data.corpus={c.data.corpus!r} must be 'libreoffice_help', 'folder' or 'wiki40b'")
     if c.data.corpus == "folder" and not c.data.folder:
         problems.append("data.corpus='folder' needs data.folder")
-    if c.data.corpus == "libreoffice_help" and len(c.data.languages) < 2:
+    if c.data.corpus != "folder" and len(c.data.languages) < 2:
         problems.append(f"data.languages={tuple(c.data.languages)} needs at least two languages")
     unknown = sorted(set(c.train.variants) - set(VARIANTS))
     if unknown or "koff" not in c.train.variants:
@@ -194,7 +196,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if c.eval.split not in ("validation", "test"):
         problems.append(f"eval.split={c.eval.split!r} must be 'validation' or 'test'")
     for key in ("data.seq_len", "data.batch_size", "train.steps", "eval.paragraphs", "eval.batch_size",
-                "mesh.data"):
+                "mesh.data", "mesh.fsdp", "mesh.model"):
         if flatten(c)[key] < 1:
             problems.append(f"{key}={flatten(c)[key]} must be >= 1")
     if c.eval.mc_prompt_tokens + c.eval.mc_continuation_tokens + 1 > c.data.seq_len:

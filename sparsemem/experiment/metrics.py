@@ -24,7 +24,8 @@ class MetricsLog:
         self.start = time.perf_counter()
 
     def __call__(self, step: int, metrics: dict) -> None:
-        by_domain = {self.domains[d]: loss for d, loss in metrics.pop("loss_by_domain").items()}
+        by_domain = {self.domains[d]: loss for d, loss in metrics["loss_by_domain"].items()}
+        metrics = {k: v for k, v in metrics.items() if k != "loss_by_domain"}
         self.file.write(json.dumps({"variant": self.variant, "step": step, **metrics,
                                     "loss_by_domain": by_domain}) + "\n")
         self.file.flush()

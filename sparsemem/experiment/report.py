@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure  # no pyplot: no global backend state, works headless and in notebooks
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from sparsemem.experiment.metrics import read_metrics  # noqa: E402
-from sparsemem.experiment.rundir import RunDir  # noqa: E402
+from sparsemem.experiment.metrics import read_metrics
+from sparsemem.experiment.rundir import RunDir
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -64,7 +61,8 @@ def gap_summary(results: dict) -> list[str]:
 
 def plot_training(metrics: list[dict], path) -> None:
     variants = sorted({m["variant"] for m in metrics})
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig = Figure(figsize=(15, 4))
+    axes = fig.subplots(1, 3)
     for v in variants:
         rows = [m for m in metrics if m["variant"] == v]
         steps = [m["step"] for m in rows]
@@ -80,11 +78,11 @@ def plot_training(metrics: list[dict], path) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_sparsity(sparsities: dict[str, dict], path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    fig = Figure(figsize=(12, 4))
+    axes = fig.subplots(1, 2)
     for variant, s in sparsities.items():
         layers = np.arange(len(s["heads_kept_per_layer"]))
         axes[0].plot(layers, 1 - np.array(s["heads_kept_per_layer"]) / s["num_heads"], "o-", label=variant)
@@ -96,12 +94,12 @@ def plot_sparsity(sparsities: dict[str, dict], path) -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_swap(results: dict, path) -> None:
     swap, domains = np.array(results["swap"]["perplexity"]), results["domains"]
-    fig, ax = plt.subplots(figsize=(1.2 * len(domains) + 2, 1.0 * len(domains) + 1.5))
+    fig = Figure(figsize=(1.2 * len(domains) + 2, 1.0 * len(domains) + 1.5))
+    ax = fig.subplots()
     relative = swap / np.diag(swap)[None, :]
     im = ax.imshow(relative, cmap="viridis")
     for i in range(len(domains)):
@@ -112,15 +110,15 @@ def plot_swap(results: dict, path) -> None:
     ax.set_xlabel("text of domain")
     ax.set_ylabel("memory of domain")
     ax.set_title("perplexity (colour: relative to own memory)")
-    fig.colorbar(im)
+    fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_analysis(analysis: dict, path) -> None:
     variants = list(analysis["tests"])
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    fig = Figure(figsize=(12, 4))
+    axes = fig.subplots(1, 2)
     x = np.arange(len(variants))
     tests = [analysis["tests"][v] for v in variants]
     axes[0].bar(x - 0.25, [t["removed_among_all"] for t in tests], 0.25, label="all neurons")
@@ -141,7 +139,6 @@ def plot_analysis(analysis: dict, path) -> None:
     axes[1].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def write_report(run: RunDir) -> str:

@@ -57,7 +57,7 @@ def _train_variant(run: RunDir, config, trainer: KoffTrainer, variant: str, corp
         try:
             state, status = train(trainer, state, batches, num_steps=steps, checkpointer=checkpointer,
                                   save_every=config.train.save_every, data_state=batches.get_state,
-                                  on_metrics=metrics)
+                                  on_metrics=metrics, log_every=0)  # MetricsLog logs progress with ETA
         finally:
             metrics.close()
         if status == "preempted":

@@ -22,10 +22,15 @@ log = logging.getLogger(__name__)
 
 
 def mesh_for(config: ml_collections.ConfigDict):
-    n = config.mesh.data
+    """The run's mesh over the first data x fsdp x model devices (after jax.distributed.initialize if asked)."""
+    m = config.mesh
+    if m.distributed:
+        jax.distributed.initialize()
+    n = m.data * m.fsdp * m.model
     if n > len(jax.devices()):
-        raise ValueError(f"mesh.data={n} but only {len(jax.devices())} devices are visible")
-    return make_mesh({"data": n}, devices=jax.devices()[:n])
+        raise ValueError(f"mesh {m.data}x{m.fsdp}x{m.model} (data x fsdp x model) needs {n} devices but "
+                         f"{len(jax.devices())} are visible; change mesh.*")
+    return make_mesh({"data": m.data, "fsdp": m.fsdp, "model": m.model}, devices=jax.devices()[:n])
 
 
 def load_model(config: ml_collections.ConfigDict, mesh) -> tuple[Decoder, Tokenizer]:
@@ -74,6 +79,10 @@ def load_corpus(config: ml_collections.ConfigDict, count: int | None = None) -> 
         train = sources_lib.libreoffice_sources(list(d.languages), "train", data_dir=data_dir)
         held = sources_lib.libreoffice_sources(list(d.languages), config.eval.split, aligned=True, data_dir=data_dir)
         aligned = True
+    elif d.corpus == "wiki40b":
+        train, held = ([sources_lib.catalog_source(f"wiki40b/{lang}", split, domain=lang, data_dir=data_dir)
+                        for lang in d.languages] for split in ("train", config.eval.split))
+        aligned = False
     else:
         train = sources_lib.text_folder_sources(d.folder, "train", data_dir=data_dir)
         held = sources_lib.text_folder_sources(d.folder, config.eval.split, data_dir=data_dir)

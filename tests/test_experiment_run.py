@@ -1,0 +1,112 @@
+"""End to end: `sparsemem run --config experiments/configs/ci.py`, resume, refusal, report and notebook."""
+
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+
+from sparsemem import cli
+from sparsemem.experiment.metrics import read_metrics
+
+ROOT = pathlib.Path(__file__).parent.parent
+CI = str(ROOT / "experiments" / "configs" / "ci.py")
+STEPS, VARIANTS = 4, ("koff", "prune_only", "lora_only", "kv_only")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ci_run(tmp_path_factory, demo_folder):
+    workdir = tmp_path_factory.mktemp("runs") / "ci"
+    assert cli.main(["run", "--config", CI, "--workdir", str(workdir)]) == 0
+    return workdir
+
+
+def test_run_writes_every_artefact(ci_run):
+    config = json.loads((ci_run / "config.json").read_text())
+    assert config["train"]["steps"] == STEPS
+    metrics = read_metrics(ci_run)
+    for variant in VARIANTS:
+        assert [m["step"] for m in metrics if m["variant"] == variant] == list(range(1, STEPS + 1))
+        assert list((ci_run / "tensorboard" / variant).glob("events.out.tfevents.*"))
+        sparsity = json.loads((ci_run / "export" / variant / "sparsity.json").read_text())
+        assert abs(sparsity["prunable"] - config["koff"]["target_sparsity"]) < 0.02
+        with np.load(ci_run / "export" / variant / "mask.npz") as mask:
+            assert set(mask) == {"head", "neuron"} and set(np.unique(mask["neuron"])) <= {0.0, 1.0}
+    with np.load(ci_run / "export" / "koff" / "memory" / "de.npz") as memory:
+        assert memory["k"].shape == (2, config["koff"]["memory_slots"], 2, 8)  # [L, M, Hkv, Dh]
+        assert memory["q_a"].shape == (2, 32, config["koff"]["lora_rank"])
+    assert not (ci_run / "export" / "prune_only" / "memory").exists()
+    assert set(p.name for p in (ci_run / "export" / "lora_only" / "memory").iterdir()) == {"en-US.npz", "de.npz"}
+
+    results = json.loads((ci_run / "eval.json").read_text())
+    assert list(results["perplexity"]) == ["dense", "dense_memory", "pruned", "pruned_retrained", "pruned_lora",
+                                           "pruned_kv", "koff"]
+    assert "(from KOFF)" not in results["settings"]["pruned_lora"]  # lora_only was trained on its own
+    swap = np.array(results["swap"]["perplexity"])
+    assert swap.shape == (2, 2)
+    np.testing.assert_allclose(np.diag(swap), [results["perplexity"]["koff"][d] for d in ("en-US", "de")],
+                               rtol=1e-6)
+    assert set(results["mc"]) == set(config["eval"]["mc_settings"])
+    assert all(0.0 <= results["mc"][s]["mean"] <= 1.0 for s in results["mc"])
+
+    analysis = json.loads((ci_run / "analysis.json").read_text())
+    assert set(analysis["tests"]) == set(VARIANTS)
+    report = (ci_run / "report.md").read_text()
+    for heading in ("## Sparsity", "## Training", "## Held-out perplexity", "## Memory swap", "## Multiple choice",
+                    "## Language-specific neurons"):
+        assert heading in report
+    for png in ("training", "sparsity_per_layer", "swap", "lape"):
+        assert (ci_run / "plots" / f"{png}.png").stat().st_size > 1000
+        assert f"plots/{png}.png" in report
+
+
+def test_rerun_resumes_without_retraining(ci_run):
+    lines = (ci_run / "metrics.jsonl").read_text()
+    eval_before = (ci_run / "eval.json").read_text()
+    assert cli.main(["run", "--config", CI, "--workdir", str(ci_run)]) == 0
+    assert (ci_run / "metrics.jsonl").read_text() == lines
+    assert (ci_run / "eval.json").read_text() == eval_before
+
+
+def test_interrupted_training_resumes_to_the_same_result(ci_run, tmp_path):
+    """Drop the koff variant's final checkpoint and export: the rerun trains the last steps again, identically."""
+    resumed = tmp_path / "ci"
+    shutil.copytree(ci_run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "koff" / str(STEPS))
+    shutil.rmtree(resumed / "export" / "koff")
+    assert cli.main(["run", "--config", CI, "--workdir", str(resumed)]) == 0
+    for name in ("mask.npz", "memory/de.npz"):
+        with np.load(ci_run / "export" / "koff" / name) as a, np.load(resumed / "export" / "koff" / name) as b:
+            for key in a:
+                np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6)
+    lines = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if m["variant"] == "koff"][-2:] == [STEPS - 1, STEPS]
+    assert len([m for m in lines if m["variant"] == "koff"]) == STEPS + 2  # two steps logged twice
+
+
+def test_a_different_config_is_refused_before_any_work(ci_run):
+    with pytest.raises(ValueError, match=r"different config \(koff.target_sparsity: 0.25 -> 0.1\)"):
+        cli.main(["run", "--config", CI, "--workdir", str(ci_run), "--set", "koff.target_sparsity=0.1"])
+
+
+def test_unknown_override_is_refused_naming_the_key(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['koff.sparsity'\]"):
+        cli.main(["run", "--config", CI, "--workdir", str(tmp_path / "x"), "--set", "koff.sparsity=0.1"])
+    assert not (tmp_path / "x").exists()
+
+
+def test_notebook_renders_the_run(ci_run, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    monkeypatch.setenv("RUN_DIRS", str(ci_run))
+    monkeypatch.setenv("SPARSEMEM_ROOT", "/")
+    notebook = nbformat.read(ROOT / "notebooks" / "01_results.ipynb", as_version=4)
+    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(ROOT)}}).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    text = json.dumps([o.get("data", {}).get("text/markdown", "") for o in outputs])
+    assert "pruned + LoRA + KV memory (KOFF)" in text and "memory en-US" in text
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 5
