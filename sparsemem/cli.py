@@ -12,6 +12,7 @@ COMMAND_MODULES = (
     "sparsemem.data.commands",
     "sparsemem.serve.commands",
     "sparsemem.experiment.commands",
+    "sparsemem.scale.commands",
 )
 
 
