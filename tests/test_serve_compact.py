@@ -27,23 +27,23 @@ def tiny(family):
 
 def random_decoder(cfg, seed=0):
     """Every parameter (norms, biases too) random, so no unit is trivially inert."""
-    model = Decoder(cfg, rngs=nnx.Rngs(seed))
-    keys = iter(jax.random.split(jax.random.key(seed), 64))
+    model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(seed)
     for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        var[...] = 0.2 * jax.random.normal(next(keys), var.shape)
+        var.set_value(jnp.asarray(0.2 * rng.standard_normal(var.shape, np.float32)))
     return model
 
 
 def random_table(cfg, seed=1, domains=len(DOMAINS)):
     """A full-width memory table: KV memory and non-zero LoRA on every projection."""
-    keys = iter(jax.random.split(jax.random.key(seed), 32))
+    rng = np.random.default_rng(seed)
     L = cfg.num_layers
-    table = {name: np.asarray(jax.random.normal(next(keys), (domains, L, SLOTS, cfg.num_kv_heads, cfg.head_dim)))
+    table = {name: rng.standard_normal((domains, L, SLOTS, cfg.num_kv_heads, cfg.head_dim), np.float32)
              for name in ("k", "v")}
     for proj in PROJECTIONS:
         fan_in, fan_out = projection_shape(cfg, proj)
-        table[f"{proj}_a"] = np.asarray(0.3 * jax.random.normal(next(keys), (domains, L, fan_in, RANK)))
-        table[f"{proj}_b"] = np.asarray(0.3 * jax.random.normal(next(keys), (domains, L, RANK, fan_out)))
+        table[f"{proj}_a"] = 0.3 * rng.standard_normal((domains, L, fan_in, RANK), np.float32)
+        table[f"{proj}_b"] = 0.3 * rng.standard_normal((domains, L, RANK, fan_out), np.float32)
     return table
 
 
@@ -111,8 +111,9 @@ def test_compacted_equals_masked_with_memory(family):
 def test_random_masks_and_parameter_count(family, seed):
     cfg = tiny(family)
     decoder, table = random_decoder(cfg, seed), random_table(cfg, seed)
-    log_alphas = {"head": 3 * jax.random.normal(jax.random.key(seed), (cfg.num_layers, cfg.num_heads)),
-                  "neuron": 3 * jax.random.normal(jax.random.key(seed + 7), (cfg.num_layers, cfg.d_ff))}
+    rng = np.random.default_rng(seed + 7)
+    log_alphas = {"head": jnp.asarray(3 * rng.standard_normal((cfg.num_layers, cfg.num_heads)), jnp.float32),
+                  "neuron": jnp.asarray(3 * rng.standard_normal((cfg.num_layers, cfg.d_ff)), jnp.float32)}
     masks = jax.tree.map(np.asarray, sparsity.deterministic_masks(cfg, log_alphas, 0.5))
     model = compact_decoder(decoder, CompactLayout.from_masks(cfg, masks))
     counts = sparsity.ParamCounts.of(cfg)

@@ -21,6 +21,9 @@ from sparsemem.serve.compact_model import CompactDecoder, RowMemory
 from sparsemem.tokenizer import Tokenizer
 
 
+PROMPT_BUCKET = 16  # prompt lengths are padded up to a multiple of this
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
     """`temperature == 0` is greedy decoding; otherwise sample, optionally from the top-k logits."""
@@ -71,12 +74,16 @@ def generate_ids(model: Decoder | CompactDecoder, prompts: list[list[int]], samp
     if total > model.cfg.max_seq_len:
         raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({sampling.max_new_tokens}) exceeds the "
                          f"model's context of {model.cfg.max_seq_len}; shorten the prompt or generate fewer tokens")
+    # Left-pad to a bucket so prompts of similar length share one compiled prefill and decode step.
+    prompt_len = min(-(-prompt_len // PROMPT_BUCKET) * PROMPT_BUCKET, model.cfg.max_seq_len - sampling.max_new_tokens)
+    total = prompt_len + sampling.max_new_tokens
     batch = len(prompts)
     compact = isinstance(model, CompactDecoder)
     if (hooks is not None and compact) or (memory is not None and not compact):
         raise TypeError("pass hooks= with a Decoder and memory= with a CompactDecoder")
-    if memory is not None and memory.k and memory.k[0].shape[0] != batch:
-        raise ValueError(f"memory has {memory.k[0].shape[0]} rows for {batch} prompts")
+    rows = {x.shape[0] for x in jax.tree.leaves(memory)}
+    if rows and rows != {batch}:
+        raise ValueError(f"memory has {min(rows)} rows for {batch} prompts")
     tokens = np.full((batch, prompt_len), pad_id, np.int32)
     segments = np.zeros((batch, prompt_len), np.int32)
     for row, ids in enumerate(prompts):

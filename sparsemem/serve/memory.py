@@ -39,23 +39,22 @@ def slice_module(cfg: ModelConfig, layout: CompactLayout, arrays: Mapping[str, n
     """
     heads, kv, neurons = (np.asarray(x, np.int64) for x in (layout.heads[layer], layout.kv_heads[layer],
                                                            layout.neurons[layer]))
-    H, Hkv, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-
-    def unit_slice(x, axis, units, count):  # `axis` (negative) holds `count * size` features; keep `units`
-        shape = x.shape[:axis % x.ndim] + (count, x.shape[axis] // count) + x.shape[axis % x.ndim + 1:]
-        y = np.take(x.reshape(shape), units, axis=axis % x.ndim)
-        return y.reshape(x.shape[:axis % x.ndim] + (-1,) + x.shape[axis % x.ndim + 1:])
-
-    rules = {"k": (-2, kv, Hkv, False), "v": (-2, kv, Hkv, False),
-             "q_b": (-1, heads, H, True), "k_b": (-1, kv, Hkv, True), "v_b": (-1, kv, Hkv, True),
-             "o_a": (-2, heads, H, True), "gate_b": (-1, neurons, None, False), "up_b": (-1, neurons, None, False),
-             "down_a": (-2, neurons, None, False)}
+    H, Hkv = cfg.num_heads, cfg.num_kv_heads
+    # name -> (feature axis from the end, kept units, units on that axis when each spans head_dim features)
+    rules = {"k": (2, kv, None), "v": (2, kv, None), "q_b": (1, heads, H), "k_b": (1, kv, Hkv), "v_b": (1, kv, Hkv),
+             "o_a": (2, heads, H), "gate_b": (1, neurons, None), "up_b": (1, neurons, None),
+             "down_a": (2, neurons, None)}
     out = {}
     for name, x in arrays.items():
         x = _layer(np.asarray(x), name, layer)
         if name in rules:
-            axis, units, count, grouped = rules[name]
-            x = unit_slice(x, axis, units, count) if grouped else np.take(x, units, axis=x.ndim + axis)
+            back, units, count = rules[name]
+            axis = x.ndim - back
+            if count is None:
+                x = np.take(x, units, axis=axis)
+            else:  # flat head features: split into (heads, head_dim), keep heads, flatten again
+                split = x.reshape(x.shape[:axis] + (count, -1) + x.shape[axis + 1:])
+                x = np.take(split, units, axis=axis).reshape(x.shape[:axis] + (-1,) + x.shape[axis + 1:])
         out[name] = x
     return out
 
