@@ -215,3 +215,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(trainer, tmp_path):
         train(trainer, state, batches, num_steps=6, checkpointer=checkpointer, save_every=1)
     good, _ = checkpointer.restore(trainer.abstract_state)
     assert int(good.step) == 2 and np.all(np.isfinite(good.gates["head"]))
+
+
+def test_an_interrupted_save_leaves_the_previous_step_latest(trainer, tmp_path):
+    RunCheckpointer(tmp_path).save(1, trainer.init(DOMAIN_TOKENS))
+    partial = tmp_path / "2.orbax-checkpoint-tmp-1700000000"  # what a save killed mid-write leaves
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "manifest.ocdbt").write_bytes(b"\0" * 10)
+    checkpointer = RunCheckpointer(tmp_path)
+    assert checkpointer.latest_step() == 1
+    state, _ = checkpointer.restore(trainer.abstract_state)
+    assert int(state.step) == 0
