@@ -63,11 +63,12 @@ def remaining_params(cfg: ModelConfig, keep: dict[str, jax.Array]) -> jax.Array:
 def sparsity(cfg: ModelConfig, remaining: jax.Array, over: str = "prunable") -> jax.Array:
     """Fraction of parameters removed, over the prunable params or over all params."""
     counts = ParamCounts.of(cfg)
-    removed = counts.prunable - remaining
+    prunable, total = float(counts.prunable), float(counts.total)  # Python ints past 2**31 overflow in jnp ops
+    removed = prunable - remaining
     if over == "prunable":
-        return removed / counts.prunable
+        return removed / prunable
     if over == "all":
-        return removed / counts.total
+        return removed / total
     raise ValueError(f"sparsity over {over!r}: choose 'prunable' or 'all'")
 
 
