@@ -21,7 +21,8 @@ _NEURON_AXIS = {"w_gate": 1, "w_up": 1, "w_down": 0}
 PRUNABLE = tuple(_HEAD_AXIS) + tuple(_KV_AXIS) + tuple(_NEURON_AXIS)
 
 
-def compact(cfg: ModelConfig, weights: dict[str, jax.Array], masks: dict[str, jax.Array]) -> list[dict[str, np.ndarray]]:
+def compact(cfg: ModelConfig, weights: dict[str, jax.Array],
+            masks: dict[str, jax.Array]) -> list[dict[str, np.ndarray]]:
     """Per-layer weights with only the kept units; `weights` as from `DecoderLayers.weights()`.
 
     `masks` are 0/1 gate masks (`head [L, H]`, `neuron [L, F]`, optional `attn`,

@@ -61,7 +61,7 @@ class KoffTrainer:
         with axis_rules(self.rules):
             self.backbone_shardings = state_shardings(backbone, self.mesh)
             koff_abstract = nnx.eval_shape(lambda: Koff(self.cfg, kcfg, rngs=nnx.Rngs(0)))
-            self.koff_def, groups = split(koff_abstract)
+            _, groups = split(koff_abstract)
             memory_sh = _child(state_shardings(groups["memory"], self.mesh))
         # An abstract decoder (`nnx.eval_shape`) gives a compile-only trainer: the backbone stays abstract.
         abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(backbone))
@@ -70,7 +70,6 @@ class KoffTrainer:
                          else jax.device_put(backbone, self.backbone_shardings))
         self.gate_tx = optax.adam(kcfg.gate_lr, b1=kcfg.adam_b1, b2=kcfg.adam_b2, eps=kcfg.adam_eps)
         self.lambda_tx = optax.sgd(kcfg.lambda_lr)  # fed negated gradients: ascent
-        self.counts = sparsity.ParamCounts.of(self.cfg)
 
         rep = NamedSharding(self.mesh, PartitionSpec())
         abstract = jax.eval_shape(self._fresh_state)
