@@ -108,7 +108,7 @@ def deterministic_masks(cfg: ModelConfig, log_alphas: dict[str, jax.Array], targ
         (counts.head + counts.kv_head * closes_group).reshape(-1),
         jnp.full((L * F,), counts.neuron)]).astype(jnp.float32)
     removed = jnp.concatenate([jnp.zeros((1,)), jnp.cumsum(unit_cost[order])])
-    denominator = counts.prunable if over == "prunable" else counts.total
+    denominator = float(counts.prunable if over == "prunable" else counts.total)  # ints past 2**31 overflow in jnp
     num_removed = jnp.argmin(jnp.abs(removed - jnp.asarray(target, jnp.float32) * denominator))
     kept = (rank >= num_removed).astype(jnp.float32)
     masks = {"head": kept[: L * H].reshape(L, H), "neuron": kept[L * H:].reshape(L, F)}
