@@ -109,7 +109,12 @@ def compile_koff(cfg: ModelConfig, kcfg: KoffConfig, topology: Topology, mesh_sh
     if math.prod(mesh_shape.values()) != topology.num_chips:
         raise ValueError(f"mesh {mesh_shape} has {math.prod(mesh_shape.values())} devices but {topology.name} has "
                          f"{topology.num_chips} chips; make the mesh axes multiply to {topology.num_chips}")
-    mesh = make_mesh(mesh_shape, devices=topology.devices)
+    try:
+        mesh = make_mesh(mesh_shape, devices=topology.devices)
+    except NotImplementedError as error:  # jax's device assignment cannot split physical axes
+        raise ValueError(f"mesh {mesh_shape} cannot be laid out on {topology.name}'s physical "
+                         f"{'x'.join(map(str, topology.shape))} chips: each mesh axis must be a product of "
+                         f"physical axis sizes, assigned in order; reorder or resize the axes ({error})") from None
     decoder = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), param_dtype=jnp.dtype(param_dtype)))
     trainer = KoffTrainer(decoder, kcfg, mesh)
     rep = NamedSharding(mesh, PartitionSpec())

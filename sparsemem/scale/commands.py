@@ -42,7 +42,7 @@ def _model_config(config, preset_name: str | None):
 def _num_domains(config, given: int | None) -> int:
     if given:
         return given
-    if config.data.corpus == "libreoffice_help":
+    if config.data.corpus in ("libreoffice_help", "wiki40b"):  # one domain per language
         return len(config.data.languages)
     raise ValueError(f"data.corpus={config.data.corpus!r}: pass --domains N (the number of domains of the corpus)")
 
