@@ -110,3 +110,13 @@ def test_notebook_renders_the_run(ci_run, monkeypatch):
     text = json.dumps([o.get("data", {}).get("text/markdown", "") for o in outputs])
     assert "pruned + LoRA + KV memory (KOFF)" in text and "memory en-US" in text
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 5
+
+
+def test_analyze_recomputes_the_analysis_of_a_finished_run(ci_run, tmp_path):
+    copy = tmp_path / "ci"
+    shutil.copytree(ci_run, copy)
+    (copy / "analysis.json").unlink()
+    (copy / "report.md").write_text("")
+    assert cli.main(["analyze", "--workdir", str(copy)]) == 0
+    assert json.loads((copy / "analysis.json").read_text()) == json.loads((ci_run / "analysis.json").read_text())
+    assert "## Language-specific neurons" in (copy / "report.md").read_text()

@@ -95,7 +95,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None) -> RunDir
 
     if config.analysis.enabled and run.read_json("analysis.json") is None:
         with Timer(run, "analysis"):
-            run.write_json("analysis.json", analyze(config, decoder, tokenizer, masks))
+            run.write_json("analysis.json", analyze(config, decoder, tokenizer, masks, corpus))
     write_report(run)
     log.info("report: %s", run.path / "report.md")
     return run
@@ -117,11 +117,13 @@ def _evaluate(config, trainer, corpus, tokenizer, masks, tables, lora_scales) ->
                           mc_settings=e.mc_settings, batch_size=e.batch_size, pad_id=tokenizer.pad_id)
 
 
-def analyze(config, decoder, tokenizer, masks: dict[str, dict[str, np.ndarray]]) -> dict:
+def analyze(config, decoder, tokenizer, masks: dict[str, dict[str, np.ndarray]],
+            corpus: setup.Corpus | None = None) -> dict:
     """LAPE specialisation of the dense model's neurons on held-out text, against every variant's mask."""
     a = config.analysis
-    corpus = setup.load_corpus(config, count=a.paragraphs)
-    batches = list(pipeline.eval_batches(corpus.held_out, tokenizer, seq_len=config.data.seq_len,
+    corpus = corpus or setup.load_corpus(config)
+    held_out = [setup.spread(source, a.paragraphs) for source in corpus.held_out_all]
+    batches = list(pipeline.eval_batches(held_out, tokenizer, seq_len=config.data.seq_len,
                                          batch_size=config.eval.batch_size))
     probs = lape.activation_probabilities(decoder, batches, len(corpus.names))
     return lape.specialisation(probs, masks, corpus.names, fraction=a.specific_fraction,

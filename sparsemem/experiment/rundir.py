@@ -22,7 +22,7 @@ from typing import Any
 
 import ml_collections
 
-from sparsemem.experiment.config import differences, flatten
+from sparsemem.experiment.config import defaults, differences, flatten
 
 
 class RunDir:
@@ -53,7 +53,15 @@ class RunDir:
         if not self.config_file.exists():
             raise FileNotFoundError(f"{self.config_file} not found: {self.path} is not a run directory "
                                     "(create one with `sparsemem run --config ...`)")
-        return ml_collections.ConfigDict(json.loads(self.config_file.read_text()))
+        config = defaults()  # keys added to the schema after the run was made keep their defaults
+        for key, value in flatten(json.loads(self.config_file.read_text())).items():
+            *parents, leaf = key.split(".")
+            node = config
+            for name in parents:
+                node = node[name]
+            with node.ignore_type():
+                node[leaf] = tuple(value) if isinstance(value, list) else value
+        return config
 
     def file(self, *parts: str) -> pathlib.Path:
         path = self.path.joinpath(*parts)

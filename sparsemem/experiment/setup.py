@@ -62,7 +62,8 @@ class Corpus:
     aligned: bool  # held_out[i].records[j] translates held_out[k].records[j]
 
 
-def _spread(source: DomainSource, count: int) -> DomainSource:
+def spread(source: DomainSource, count: int) -> DomainSource:
+    """`count` records of `source`, evenly spread over it (all if it has fewer)."""
     n = len(source.records)
     if n == 0:
         raise ValueError(f"domain {source.name!r} has no held-out paragraphs")
@@ -87,7 +88,7 @@ def load_corpus(config: ml_collections.ConfigDict, count: int | None = None) -> 
         train = sources_lib.text_folder_sources(d.folder, "train", data_dir=data_dir)
         held = sources_lib.text_folder_sources(d.folder, config.eval.split, data_dir=data_dir)
         aligned = False
-    return Corpus([s.name for s in train], train, [_spread(s, count) for s in held], held, aligned)
+    return Corpus([s.name for s in train], train, [spread(s, count) for s in held], held, aligned)
 
 
 def token_ids(source: DomainSource, tokenizer: Tokenizer) -> list[list[int]]:
