@@ -26,11 +26,16 @@ def tiny(family):
 
 
 def random_decoder(cfg, seed=0):
-    """Every parameter (norms, biases too) random, so no unit is trivially inert."""
+    """Every parameter (norms, biases too) random, so no unit is trivially inert.
+
+    Embeddings are small, so the blocks rather than the (tied) embedding of the last
+    token decide the next one: greedy generation then depends on masks and memory.
+    """
     model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
     rng = np.random.default_rng(seed)
-    for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        var.set_value(jnp.asarray(0.2 * rng.standard_normal(var.shape, np.float32)))
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        std = 0.02 if path == ("embed",) else 0.2
+        var.set_value(jnp.asarray(std * rng.standard_normal(var.shape, np.float32)))
     return model
 
 
@@ -48,12 +53,13 @@ def random_table(cfg, seed=1, domains=len(DOMAINS)):
 
 
 def hard_masks(cfg, seed=0):
-    """Layer 0 loses KV group 1 entirely, layer 1 loses every head, layer 2 one head (ragged groups)."""
+    """Layer 0 loses KV group 1 entirely, layer 1 every head and neuron, layer 2 one head (ragged groups)."""
     head = np.ones((cfg.num_layers, cfg.num_heads), np.float32)
     head[0, 2:] = 0
     head[1, :] = 0
     head[2, 1] = 0
     neuron = (np.random.default_rng(seed).random((cfg.num_layers, cfg.d_ff)) > 0.5).astype(np.float32)
+    neuron[1] = 0
     return {"head": head, "neuron": neuron}
 
 

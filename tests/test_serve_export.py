@@ -123,7 +123,7 @@ def test_cli_export_and_generate_from_run(exported, tmp_path, capsys):
     sampling = SamplingConfig(max_new_tokens=5, temperature=1.0, seed=3)
     want = run_generate(decoder, masks, table, ["de"], [tokenizer.encode(prompt)], sampling)[0]
     assert printed == prompt + tokenizer.decode(want)
-    with pytest.raises(UnknownDomainError, match="known domains: de, en, fr"):
+    with pytest.raises(SystemExit, match="error: unknown domain.*'nl'.*known domains: de, en, fr"):
         cli.main(["generate", "--run", str(run), "--domain", "nl", "--prompt", prompt])
 
 

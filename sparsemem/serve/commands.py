@@ -48,6 +48,16 @@ def _domains(args: argparse.Namespace) -> list[str] | None:
 
 
 def generate(args: argparse.Namespace) -> int:
+    from sparsemem.checkpoints.memory_module import ModuleMismatchError  # noqa: PLC0415
+    from sparsemem.serve.memory import UnknownDomainError  # noqa: PLC0415
+
+    try:
+        return _generate(args)
+    except (UnknownDomainError, ModuleMismatchError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+def _generate(args: argparse.Namespace) -> int:
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               seed=args.seed)
     start = time.perf_counter()

@@ -70,7 +70,7 @@ class Deployment:
 
     def generate_ids(self, prompts: list[list[int]], domains: Sequence[str] | None,
                      sampling: SamplingConfig) -> list[list[int]]:
-        """Continue each prompt with its row's domain memory (`domains[i]`; None: the bare backbone)."""
+        """Continue prompt `i` with domain `domains[i]`'s memory (`domains=None`: the bare backbone)."""
         memory = None
         if domains is not None:
             if self.bank is None:
