@@ -76,3 +76,15 @@ def test_variants_map_to_koff_configs():
     assert config_lib.koff_config(config, 3, "kv_only").lora_rank == 0
     lora = config_lib.koff_config(config, 3, "lora_only")
     assert lora.memory_slots == 0 and lora.lora_rank == config.koff.lora_rank and lora.num_domains == 3
+
+
+def test_a_run_made_before_a_schema_key_existed_resumes_with_its_default(tmp_path):
+    base = config_lib.load_config(CONFIGS / "ci.py")
+    run = RunDir.prepare(tmp_path / "run", base)
+    saved = json.loads(run.config_file.read_text())
+    del saved["mesh"]["fsdp"]  # as written by an older sparsemem
+    run.config_file.write_text(json.dumps(saved))
+    assert run.config().mesh.fsdp == 1
+    RunDir.prepare(tmp_path / "run", base)
+    with pytest.raises(ValueError, match=r"mesh.fsdp: 1 -> 2"):
+        RunDir.prepare(tmp_path / "run", config_lib.apply_overrides(base, ["mesh.fsdp=2"]))

@@ -53,8 +53,12 @@ def build_questions(token_ids: Sequence[Sequence[Sequence[int]]], *, num_questio
     return questions
 
 
-def question_batches(questions: Sequence[Question], *, batch_size: int, pad_id: int) -> list[dict[str, np.ndarray]]:
-    """Rows `prompt + choice` (one per choice, loss on the choice's tokens), in batches of `batch_size` rows."""
+def question_batches(questions: Sequence[Question], *, batch_size: int, pad_id: int,
+                     first_position: int = 0) -> list[dict[str, np.ndarray]]:
+    """Rows `prompt + choice` (one per choice, loss on the choice's tokens), in batches of `batch_size` rows.
+
+    Positions start at `first_position` (the number of memory slots: text follows the memory).
+    """
     rows = [(q.domain, q.prompt + c, len(q.prompt)) for q in questions for c in q.choices]
     length = max(len(tokens) for _, tokens, _ in rows) - 1
     batches = []
@@ -69,17 +73,17 @@ def question_batches(questions: Sequence[Question], *, batch_size: int, pad_id: 
             batch["inputs"][r, :n], batch["targets"][r, :n] = tokens[:-1], tokens[1:]
             batch["loss_mask"][r, prompt_len - 1:n] = 1.0
             batch["segment_ids"][r, :n] = 1
-            batch["positions"][r, :n] = np.arange(n)
+            batch["positions"][r, :n] = first_position + np.arange(n)
             batch["domain"][r] = domain
         batches.append(batch)
     return batches
 
 
 def accuracy(scorer: Scorer, questions: Sequence[Question], num_domains: int, *, batch_size: int, pad_id: int,
-             **kwargs) -> np.ndarray:
+             first_position: int = 0, **kwargs) -> np.ndarray:
     """Accuracy per domain `[D]` (NaN for a domain without questions); `kwargs` go to `Scorer.row_losses`."""
     losses = []
-    for batch in question_batches(questions, batch_size=batch_size, pad_id=pad_id):
+    for batch in question_batches(questions, batch_size=batch_size, pad_id=pad_id, first_position=first_position):
         loss, _ = scorer.row_losses(batch, **kwargs)
         losses.append(loss)
     per_choice = np.concatenate(losses)[:len(questions) * NUM_CHOICES].reshape(len(questions), NUM_CHOICES)

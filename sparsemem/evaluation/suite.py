@@ -31,7 +31,7 @@ def _per_domain(values: np.ndarray, domains: Sequence[str]) -> dict[str, float]:
 def evaluate(scorer: Scorer, settings: Mapping[str, Setting], *, domains: Sequence[str], batches: list,
              masks: Mapping[str, dict], tables: Mapping[str, dict], lora_scales: Mapping[str, float],
              questions: Sequence[multiple_choice.Question], mc_settings: Sequence[str], batch_size: int,
-             pad_id: int) -> dict:
+             pad_id: int, first_position: int = 0) -> dict:
     """Everything the report shows about quality, as a JSON-ready dict (perplexities in exp(nats/token))."""
     D = len(domains)
     out: dict = {"domains": list(domains), "settings": {n: s.label for n, s in settings.items()},
@@ -68,7 +68,7 @@ def evaluate(scorer: Scorer, settings: Mapping[str, Setting], *, domains: Sequen
             if name not in settings:
                 continue
             acc = multiple_choice.accuracy(scorer, questions, D, batch_size=batch_size, pad_id=pad_id,
-                                           **_setting_kwargs(settings[name], masks, tables, lora_scales))
+                                           first_position=first_position, **_setting_kwargs(settings[name], masks, tables, lora_scales))
             out["mc"][name] = {**_per_domain(acc, domains), "mean": float(np.nanmean(acc))}
             log.info("eval multiple choice %-16s accuracy %s", name,
                      " ".join(f"{d}={a:.2f}" for d, a in zip(domains, acc)))

@@ -16,6 +16,7 @@ from typing import Any
 
 import ml_collections
 
+from sparsemem.evaluation.settings import SETTINGS
 from sparsemem.koff.config import KoffConfig
 
 # Variants that train their own gates (and memory), as KoffConfig changes.
@@ -189,7 +190,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     unknown = sorted(set(c.train.variants) - set(VARIANTS))
     if unknown or "koff" not in c.train.variants:
         problems.append(f"train.variants={tuple(c.train.variants)} must include 'koff' and only {sorted(VARIANTS)}")
-    from sparsemem.evaluation.settings import SETTINGS  # noqa: PLC0415 (evaluation imports this module)
     bad = sorted(set(c.eval.mc_settings) - set(SETTINGS))
     if bad:
         problems.append(f"eval.mc_settings has unknown settings {bad}; choose from {sorted(SETTINGS)}")

@@ -42,8 +42,9 @@ def default_workdir(config: ml_collections.ConfigDict) -> str:
 def _train_variant(run: RunDir, config, trainer: KoffTrainer, variant: str, corpus: setup.Corpus, tokenizer):
     kcfg, steps = trainer.kcfg, config.train.steps
     checkpointer = RunCheckpointer(run.path / "checkpoints" / variant, max_to_keep=2)
-    batches = pipeline.train_batches(corpus.train, tokenizer, seq_len=config.data.seq_len,
-                                     batch_size=config.data.batch_size, seed=config.data.seed)
+    batches = setup.AfterMemory(pipeline.train_batches(corpus.train, tokenizer, seq_len=config.data.seq_len,
+                                                       batch_size=config.data.batch_size, seed=config.data.seed),
+                                config.koff.memory_slots)
     if checkpointer.latest_step() is not None:
         state, data_state = checkpointer.restore(trainer.abstract_state)
         batches.set_state(data_state)
@@ -103,8 +104,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None) -> RunDir
 
 def _evaluate(config, trainer, corpus, tokenizer, masks, tables, lora_scales) -> dict:
     e = config.eval
-    batches = list(pipeline.eval_batches(corpus.held_out, tokenizer, seq_len=config.data.seq_len,
-                                         batch_size=e.batch_size))
+    batches = [setup.after_memory(b, config.koff.memory_slots)
+               for b in pipeline.eval_batches(corpus.held_out, tokenizer, seq_len=config.data.seq_len,
+                                              batch_size=e.batch_size)]
     questions = []
     if e.mc_questions:
         ids = [setup.token_ids(source, tokenizer) for source in corpus.held_out_all]
@@ -114,7 +116,8 @@ def _evaluate(config, trainer, corpus, tokenizer, masks, tables, lora_scales) ->
                                                     aligned=corpus.aligned, seed=config.data.seed)
     return suite.evaluate(Scorer(trainer), settings_lib.resolve(config.train.variants), domains=corpus.names,
                           batches=batches, masks=masks, tables=tables, lora_scales=lora_scales, questions=questions,
-                          mc_settings=e.mc_settings, batch_size=e.batch_size, pad_id=tokenizer.pad_id)
+                          mc_settings=e.mc_settings, batch_size=e.batch_size, pad_id=tokenizer.pad_id,
+                          first_position=config.koff.memory_slots)
 
 
 def analyze(config, decoder, tokenizer, masks: dict[str, dict[str, np.ndarray]],

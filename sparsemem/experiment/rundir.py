@@ -35,7 +35,7 @@ class RunDir:
         run = cls(path)
         resolved = json.loads(config.to_json())
         if run.config_file.exists():
-            saved = json.loads(run.config_file.read_text())
+            saved = json.loads(run.config().to_json())  # keys newer than the run compare as their defaults
             diff = differences(flatten(saved), flatten(resolved))
             if diff:
                 raise ValueError(f"{run.path} already holds a run with a different config ({'; '.join(diff)}); "
