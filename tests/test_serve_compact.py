@@ -11,6 +11,7 @@ from sparsemem.koff.memory import hooks_from_rows
 from sparsemem.models.config import preset
 from sparsemem.models.decoder import Decoder
 from sparsemem.models.hooks import PROJECTIONS, Hooks, projection_shape
+from sparsemem.models.layers import segment_positions
 from sparsemem.serve.compact import CompactLayout, compact_decoder, prunable_params, round_masks
 from sparsemem.serve.memory import MemoryBank
 
@@ -64,9 +65,9 @@ def hard_masks(cfg, seed=0):
 
 
 @jax.jit
-def masked_logits(model_state, graphdef, tokens, segments, hooks):
+def masked_logits(model_state, graphdef, tokens, segments, positions, hooks):
     model = nnx.merge(graphdef, model_state)
-    hidden, _ = model(tokens, segment_ids=segments, hooks=hooks)
+    hidden, _ = model(tokens, segment_ids=segments, positions=positions, hooks=hooks)
     return model.logits(hidden)
 
 
@@ -77,7 +78,8 @@ def reference_logits(decoder, masks, table, domain_ids, tokens, segments, lora_s
     hooks = Hooks(head_scale=jnp.asarray(masks["head"]), neuron_scale=jnp.asarray(masks["neuron"]),
                   memory_k=memory.memory_k, memory_v=memory.memory_v, lora=memory.lora)
     graphdef, state = nnx.split(decoder)
-    return masked_logits(state, graphdef, tokens, segments, hooks)
+    positions = segment_positions(segments) + SLOTS  # text follows the memory
+    return masked_logits(state, graphdef, tokens, segments, positions, hooks)
 
 
 @nnx.jit

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsemem.koff.memory import hooks_from_rows
+from sparsemem.koff.memory import hooks_from_rows, prefill_kv
 from sparsemem.models.hooks import Hooks
 from sparsemem.serve.compact import CompactLayout, compact_decoder
 from sparsemem.serve.generate import SamplingConfig, generate_ids
@@ -76,3 +76,16 @@ def test_memory_rows_must_match_the_batch(setup):
     *_, model, bank = setup
     with pytest.raises(ValueError, match="memory has 2 rows for 3 prompts"):
         generate_ids(model, PROMPTS, GREEDY, memory=bank.rows(NAMES[:2]))
+
+
+def test_prefill_memory_acts_as_the_prefix_it_was_made_from():
+    """Memory = the model's own keys/values over P, text positions after it: same as prompting with P + X."""
+    cfg = tiny("llama")  # no sliding window: a real prefix stays visible too
+    decoder = random_decoder(cfg)
+    prefix, prompt = [2, 31, 7, 99, 14], [23, 5, 61]
+    k, v = prefill_kv(decoder, jnp.asarray([prefix], jnp.int32))
+    layout = CompactLayout.full(cfg)
+    bank = MemoryBank(cfg, layout, ["p"], {"k": np.asarray(k), "v": np.asarray(v)}, 1.0)
+    got = generate_ids(compact_decoder(decoder, layout), [prompt], GREEDY, memory=bank.rows(["p"]))
+    assert got == generate_ids(decoder, [prefix + prompt], GREEDY)
+    assert got != generate_ids(decoder, [prompt], GREEDY)

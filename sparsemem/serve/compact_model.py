@@ -16,7 +16,9 @@ adds exactly zero there.
 Memory: a row's domain memory (`RowMemory`) puts its KV slots at the *front* of the
 decode cache once (`init_cache`), visible to every query of that row in every layer
 (sliding-window layers too), with no RoPE applied, exactly as `Hooks.memory_k/v` in
-`Decoder`; the per-row LoRA deltas are applied at every step.
+`Decoder`; the per-row LoRA deltas are applied at every step. Text follows the
+memory, as in training runs: with M memory slots its positions start at M
+(prefill-initialised keys carry positions 0..M-1, so the memory acts as a prefix).
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ class CompactDecoder(nnx.Module):
                 ks.append(empty)
                 vs.append(jnp.zeros(shape, self.dtype))
         return ServeCache(k=tuple(ks), v=tuple(vs), segment_ids=jnp.zeros((batch, max_len), jnp.int32),
-                          next_position=jnp.zeros((batch,), jnp.int32), index=jnp.zeros((), jnp.int32),
+                          next_position=jnp.full((batch,), m, jnp.int32), index=jnp.zeros((), jnp.int32),
                           memory_slots=m)
 
     def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
@@ -127,9 +129,9 @@ class CompactDecoder(nnx.Module):
                  cache: ServeCache | None = None) -> tuple[jax.Array, ServeCache | None]:
         """Final hidden states `[B, T, d]` and the updated cache.
 
-        Without a cache, `memory`'s KV slots are prepended to every layer's keys; with
-        a cache they must already be in it (`init_cache(..., memory)`), and only
-        `memory`'s LoRA is used here.
+        Without a cache, `memory`'s KV slots are prepended to every layer's keys (and
+        default positions start after them); with a cache they must already be in it
+        (`init_cache(..., memory)`), and only `memory`'s LoRA is used here.
         """
         cfg = self.cfg
         b, t = tokens.shape
@@ -139,6 +141,8 @@ class CompactDecoder(nnx.Module):
             positions = layers.segment_positions(segment_ids)
             if cache is not None:
                 positions = positions + cache.next_position[:, None]
+            elif memory is not None:
+                positions = positions + memory.slots
         if cache is not None and memory is not None and memory.slots not in (0, cache.memory_slots):
             raise ValueError(f"memory has {memory.slots} KV slots but the cache was made with "
                              f"{cache.memory_slots}; pass the same memory to init_cache")

@@ -66,6 +66,7 @@ def generate_ids(model: Decoder | CompactDecoder, prompts: list[list[int]], samp
     """Continue each prompt (token ids) until EOS or `max_new_tokens`; returns the new ids per row (no EOS).
 
     `hooks` go with a `Decoder`, `memory` (one row per prompt) with a `CompactDecoder`.
+    With M memory slots the prompt's positions start at M (text follows the memory).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and every prompt needs at least one token")
@@ -92,7 +93,12 @@ def generate_ids(model: Decoder | CompactDecoder, prompts: list[list[int]], samp
 
     graphdef, state = nnx.split(model)
     key = jax.random.key(sampling.seed)
-    cache = model.init_cache(batch, total, memory) if compact else model.init_cache(batch, total)
+    if compact:
+        cache = model.init_cache(batch, total, memory)
+    else:
+        cache = model.init_cache(batch, total)
+        if hooks is not None and hooks.memory_k is not None:  # text follows the memory slots, as in training runs
+            cache = cache.replace(next_position=jnp.full((batch,), hooks.memory_k.shape[2], jnp.int32))
     inputs = {"memory": memory} if compact else {"hooks": hooks}
     key, sub = jax.random.split(key)
     next_ids, cache = _step(graphdef, state, jnp.asarray(tokens), jnp.asarray(segments), cache, inputs, sub,
