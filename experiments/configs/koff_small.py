@@ -22,7 +22,7 @@ def get_config():
     c.koff.lora_targets = ("q", "v", "o", "down")
     c.koff.warmup_fraction = 0.3
     c.koff.gate_lr = 0.1
-    c.koff.memory_lr = 3e-3
+    c.koff.memory_lr = 1e-3
     c.koff.lambda_lr = 0.5
     c.train.steps = 600
     c.train.variants = ("koff", "prune_only", "lora_only", "kv_only")
