@@ -48,7 +48,10 @@ def _num_domains(config, given: int | None) -> int:
 
 
 def _compile(args: argparse.Namespace) -> int:
-    from sparsemem.scale import aot, topology  # noqa: PLC0415 (imports jax)
+    import jax  # noqa: PLC0415
+
+    jax.config.update("jax_platforms", "cpu")  # the topology's devices are compile-only; no accelerator needed
+    from sparsemem.scale import aot, topology  # noqa: PLC0415
 
     config = apply_overrides(load_config(args.config), args.set or [])
     topo = topology.resolve(args.topology)
