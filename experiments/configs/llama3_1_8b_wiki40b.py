@@ -1,49 +1,13 @@
-"""Paper-scale KOFF: Llama-3.1-8B (Hugging Face folder at model.path) on TFDS wiki40b/<lang> prepared in array_record format under data.data_dir (its Beam build needs TensorFlow;
+"""Paper-scale KOFF: Llama-3.1-8B (HF folder at model.path) on TFDS wiki40b/<lang> (array_record under data.data_dir; its Beam build needs TensorFlow,
 build it elsewhere and copy the data dir, see docs/data.md).
 
-A TPU slice of 16 chips (data 2 x fsdp 2 x model 4); on a multi-host slice run the
-same command on every host (mesh.distributed=True calls jax.distributed.initialize()):
+Mesh data 4 x fsdp 2 x model 2 (v5p-32); run the same command on every host of the slice:
 
-sparsemem run --config experiments/configs/llama3_1_8b_wiki40b.py --set model.path=/path/to/Llama-3.1-8B --workdir gs://.../llama3_1_8b_wiki40b
-
-Hyper-parameters are our choices for a first reproduction, not the paper's exact values.
+sparsemem run --config experiments/configs/llama3_1_8b_wiki40b.py --set model.path=/path/to/Llama-3.1-8B --workdir /path/to/runs/llama3_1_8b_wiki40b
 """
 
-from sparsemem.experiment.config import defaults
+from sparsemem.experiment.paper import paper_config
 
 
 def get_config():
-    c = defaults()
-    c.name = "llama3_1_8b_wiki40b"
-    c.model.source = "hf"
-    c.model.path = "models/Llama-3.1-8B"
-    c.model.param_dtype = "bfloat16"
-    c.data.corpus = "wiki40b"
-    c.data.languages = ("en", "de", "ru", "ja")
-    c.data.seq_len = 1024
-    c.data.batch_size = 32
-    c.koff.target_sparsity = 0.12
-    c.koff.memory_slots = 64
-    c.koff.lora_rank = 16
-    c.koff.lora_targets = ("q", "k", "v", "o", "gate", "up", "down")
-    c.koff.kl_weight = 0.5
-    c.koff.gate_lr = 0.05
-    c.koff.memory_lr = 1e-3
-    c.koff.lambda_lr = 0.05
-    c.koff.compute_dtype = "bfloat16"
-    c.koff.remat = "full"
-    c.koff.loss_chunk = 4096
-    c.train.steps = 4000
-    c.train.variants = ("koff", "prune_only", "lora_only", "kv_only")
-    c.train.save_every = 250
-    c.train.log_every = 25
-    c.eval.paragraphs = 2000
-    c.eval.batch_size = 32
-    c.eval.mc_questions = 500
-    c.eval.mc_settings = ("dense", "pruned", "pruned_retrained", "pruned_lora", "pruned_kv", "koff")
-    c.analysis.paragraphs = 1000
-    c.mesh.data = 2
-    c.mesh.fsdp = 2
-    c.mesh.model = 4
-    c.mesh.distributed = True
-    return c
+    return paper_config("llama3_1_8b_wiki40b", "Llama-3.1-8B", "wiki40b", mesh=(4, 2, 2))

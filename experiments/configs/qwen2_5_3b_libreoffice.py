@@ -1,48 +1,12 @@
-"""Paper-scale KOFF: Qwen2.5-3B (Hugging Face folder at model.path) on the LibreOffice help corpus (`sparsemem data prepare --languages en-US,de,ru,ja`).
+"""Paper-scale KOFF: Qwen2.5-3B (HF folder at model.path) on the LibreOffice help corpus (`sparsemem data prepare --languages en-US,de,ru,ja`).
 
-A TPU slice of 8 chips (data 2 x fsdp 1 x model 4); on a multi-host slice run the
-same command on every host (mesh.distributed=True calls jax.distributed.initialize()):
+Mesh data 1 x fsdp 1 x model 4 (v5p-8); run the same command on every host of the slice:
 
-sparsemem run --config experiments/configs/qwen2_5_3b_libreoffice.py --set model.path=/path/to/Qwen2.5-3B --workdir gs://.../qwen2_5_3b_libreoffice
-
-Hyper-parameters are our choices for a first reproduction, not the paper's exact values.
+sparsemem run --config experiments/configs/qwen2_5_3b_libreoffice.py --set model.path=/path/to/Qwen2.5-3B --workdir /path/to/runs/qwen2_5_3b_libreoffice
 """
 
-from sparsemem.experiment.config import defaults
+from sparsemem.experiment.paper import paper_config
 
 
 def get_config():
-    c = defaults()
-    c.name = "qwen2_5_3b_libreoffice"
-    c.model.source = "hf"
-    c.model.path = "models/Qwen2.5-3B"
-    c.model.param_dtype = "bfloat16"
-    c.data.corpus = "libreoffice_help"
-    c.data.languages = ("en-US", "de", "ru", "ja")
-    c.data.seq_len = 1024
-    c.data.batch_size = 32
-    c.koff.target_sparsity = 0.12
-    c.koff.memory_slots = 64
-    c.koff.lora_rank = 16
-    c.koff.lora_targets = ("q", "k", "v", "o", "gate", "up", "down")
-    c.koff.kl_weight = 0.5
-    c.koff.gate_lr = 0.05
-    c.koff.memory_lr = 1e-3
-    c.koff.lambda_lr = 0.05
-    c.koff.compute_dtype = "bfloat16"
-    c.koff.remat = "full"
-    c.koff.loss_chunk = 4096
-    c.train.steps = 4000
-    c.train.variants = ("koff", "prune_only", "lora_only", "kv_only")
-    c.train.save_every = 250
-    c.train.log_every = 25
-    c.eval.paragraphs = 2000
-    c.eval.batch_size = 32
-    c.eval.mc_questions = 500
-    c.eval.mc_settings = ("dense", "pruned", "pruned_retrained", "pruned_lora", "pruned_kv", "koff")
-    c.analysis.paragraphs = 1000
-    c.mesh.data = 2
-    c.mesh.fsdp = 1
-    c.mesh.model = 4
-    c.mesh.distributed = True
-    return c
+    return paper_config("qwen2_5_3b_libreoffice", "Qwen2.5-3B", "libreoffice_help", mesh=(1, 1, 4))
