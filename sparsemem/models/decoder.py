@@ -166,9 +166,8 @@ class Decoder(nnx.Module):
 
         x = layers.rms_norm(x, self.final_norm[...], cfg.norm_eps, cfg.norm_offset)
         if cache is not None:
-            last_pos = jnp.max(jnp.where(segment_ids != 0, positions, -1), axis=1)
             cache = KVCache(k=new_kv[0], v=new_kv[1], segment_ids=k_segments,
-                            next_position=jnp.maximum(cache.next_position, last_pos + 1),
+                            next_position=layers.advance_positions(cache.next_position, positions, segment_ids),
                             index=cache.index + t)
         return x, cache
 
@@ -178,8 +177,7 @@ class Decoder(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Full-vocabulary logits (float32). For losses use `sparsemem.models.loss` (chunked)."""
-        return jnp.einsum("...d,vd->...v", hidden, self.unembedding().astype(hidden.dtype),
-                          preferred_element_type=jnp.float32)
+        return layers.vocab_logits(hidden, self.unembedding())
 
 
 def _lora(x: jax.Array, hook: dict, scales: dict, name: str) -> jax.Array | None:

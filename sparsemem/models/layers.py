@@ -91,3 +91,14 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: flo
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h, dh)
+
+
+def advance_positions(next_position: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """Each row's next RoPE position `[B]` after writing tokens at `positions` (padding, segment 0, ignored)."""
+    last = jnp.max(jnp.where(segment_ids != 0, positions, -1), axis=1)
+    return jnp.maximum(next_position, last + 1)
+
+
+def vocab_logits(hidden: jax.Array, unembed: jax.Array) -> jax.Array:
+    """Full-vocabulary logits (float32) of `hidden [..., d]` through `unembed [V, d]`."""
+    return jnp.einsum("...d,vd->...v", hidden, unembed.astype(hidden.dtype), preferred_element_type=jnp.float32)

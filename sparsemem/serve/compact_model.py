@@ -189,9 +189,8 @@ class CompactDecoder(nnx.Module):
 
         x = layers.rms_norm(x, self.final_norm[...], cfg.norm_eps, cfg.norm_offset)
         if cache is not None:
-            last_pos = jnp.max(jnp.where(segment_ids != 0, positions, -1), axis=1)
             cache = ServeCache(k=tuple(new_k), v=tuple(new_v), segment_ids=k_segments,
-                               next_position=jnp.maximum(cache.next_position, last_pos + 1),
+                               next_position=layers.advance_positions(cache.next_position, positions, segment_ids),
                                index=cache.index + t, memory_slots=cache.memory_slots)
         return x, cache
 
@@ -200,8 +199,7 @@ class CompactDecoder(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Full-vocabulary logits (float32)."""
-        return jnp.einsum("...d,vd->...v", hidden, self.unembedding().astype(hidden.dtype),
-                          preferred_element_type=jnp.float32)
+        return layers.vocab_logits(hidden, self.unembedding())
 
     def num_params(self) -> int:
         return sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param)))
