@@ -1,6 +1,7 @@
 """Multiple-choice questions: construction, row layout, scoring."""
 
 import numpy as np
+import pytest
 
 from sparsemem.evaluation import multiple_choice as mc
 
@@ -51,8 +52,46 @@ def test_accuracy_per_domain():
 
 
 def test_too_few_long_paragraphs_is_a_clear_error():
-    import pytest
-
     with pytest.raises(ValueError, match="mc_questions=0"):
         mc.build_questions([_paragraphs(0, [10, 10, 2])], num_questions=2, prompt_tokens=4,
                            continuation_tokens=4, aligned=False)
+
+
+def test_distractors_never_repeat_the_answer():
+    ids = [[[2, 7, 7, 7, 7, 1, 1, 1, 1] for _ in range(6)] + _paragraphs(0, [10, 10, 10, 10])]  # 6 identical
+    for q in mc.build_questions(ids, num_questions=10, prompt_tokens=4, continuation_tokens=4, aligned=False):
+        assert len(set(q.choices)) == 4
+
+
+def test_translation_questions_pair_a_source_paragraph_with_its_translation():
+    lengths = [10, 3, 12, 15, 9, 20, 11]
+    ids = [_paragraphs(0, lengths), _paragraphs(10_000, lengths), _paragraphs(20_000, lengths)]
+    questions = mc.build_translation_questions(ids, source=0, num_questions=3, prompt_tokens=5,
+                                               continuation_tokens=4, separator=[9, 9])
+    assert len(questions) == 6 and {q.domain for q in questions} == {1, 2}
+    for q in questions:
+        paragraph = q.prompt[1] // 100
+        assert q.prompt == tuple(ids[0][paragraph][:6]) + (9, 9)
+        assert q.baseline == (2, 9, 9)
+        assert q.choices[q.answer] == tuple(ids[q.domain][paragraph][1:5])
+        assert len(set(q.choices)) == 4 and all(len(c) == 4 for c in q.choices)
+
+
+def test_translation_needs_an_aligned_corpus():
+    with pytest.raises(ValueError, match="aligned"):
+        mc.build_translation_questions([_paragraphs(0, [9] * 5), _paragraphs(0, [9] * 4)], source=0,
+                                       num_questions=2, prompt_tokens=4, continuation_tokens=4, separator=[9])
+
+
+def test_baseline_likelihood_is_subtracted():
+    class SourceHelpsNines:
+        """Loss = sum of target ids, 3 nats less for a choice of 9s when the source token 5 is in the prompt."""
+
+        def row_losses(self, batch, **_):
+            helped = (batch["inputs"] == 5).any(1) & (batch["targets"] == 9).any(1)
+            return (batch["targets"] * batch["loss_mask"]).sum(1) - 3.0 * helped, batch["loss_mask"].sum(1)
+
+    choices = ((7, 7), (9, 9), (8, 8), (1, 20))  # with the prompt: 14, 15, 16, 21; gains over (2,): 0, -3, 0, 0
+    plain = mc.Question(0, (2, 5), choices, answer=0)
+    gain = mc.Question(1, (2, 5), choices, answer=1, baseline=(2,))
+    np.testing.assert_allclose(mc.accuracy(SourceHelpsNines(), [plain, gain], 2, batch_size=4, pad_id=0), [1.0, 1.0])

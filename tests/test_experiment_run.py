@@ -49,8 +49,11 @@ def test_run_writes_every_artefact(ci_run):
     assert swap.shape == (2, 2)
     np.testing.assert_allclose(np.diag(swap), [results["perplexity"]["koff"][d] for d in ("en-US", "de")],
                                rtol=1e-6)
-    assert set(results["mc"]) == set(config["eval"]["mc_settings"])
-    assert all(0.0 <= results["mc"][s]["mean"] <= 1.0 for s in results["mc"])
+    assert set(results["mc"]) == {"continuation", "translation"}
+    for task, by_setting in results["mc"].items():
+        assert set(by_setting) == set(config["eval"]["mc_settings"])
+        assert all(0.0 <= by_setting[s]["mean"] <= 1.0 for s in by_setting)
+    assert np.isnan(results["mc"]["translation"]["dense"]["en-US"])  # translations go from en-US into de
 
     analysis = json.loads((ci_run / "analysis.json").read_text())
     assert set(analysis["tests"]) == set(VARIANTS)

@@ -92,3 +92,15 @@ def test_lagrangian_gradients_push_towards_target():
     lambdas = {"lambda1": jnp.float32(-1.0), "lambda2": jnp.float32(0.0)}
     ds = jax.grad(sparsity.lagrangian, argnums=1)(lambdas, jnp.float32(0.1), jnp.float32(0.3))
     assert ds < 0  # minimising over gates now increases sparsity
+
+
+def test_multipliers_ascend_the_per_unit_lagrangian_and_gates_feel_it_per_unit():
+    lambdas = {"lambda1": jnp.float32(-0.5), "lambda2": jnp.float32(0.2)}
+    s, t = jnp.float32(0.1), jnp.float32(0.3)
+    ascent = sparsity.multiplier_ascent_grads(s, t)
+    per_unit = jax.grad(sparsity.lagrangian)(lambdas, s, t)
+    jax.tree.map(np.testing.assert_allclose, ascent, per_unit)
+    scaled = jax.grad(sparsity.lagrangian, argnums=1)(lambdas, s, t, 1000)
+    np.testing.assert_allclose(scaled, 1000 * jax.grad(sparsity.lagrangian, argnums=1)(lambdas, s, t), rtol=1e-6)
+    cfg = tiny("gemma-3-270m")
+    assert sparsity.num_units(random_log_alphas(cfg, jax.random.key(0))) == cfg.num_layers * (cfg.num_heads + cfg.d_ff)

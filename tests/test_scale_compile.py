@@ -90,9 +90,8 @@ def test_analytic_flops_match_the_traced_steps(change):
     trainer = KoffTrainer(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))), kcfg, mesh)
     with jax.set_mesh(mesh), axis_rules(trainer.rules):
         batch = aot._abstract_batch(mesh, 8, 64)
-        train = trainer._jitted("train", trainer._train_step, batch).trace(trainer.abstract_state,
-                                                                            trainer.backbone, batch)
-        evaluate = trainer._jitted("eval", trainer._eval_step, batch).trace(
+        train = trainer.step_function("train", batch).trace(trainer.abstract_state, trainer.backbone, batch)
+        evaluate = trainer.step_function("eval", batch).trace(
             trainer.abstract_state, trainer.backbone, batch, jax.ShapeDtypeStruct((), jnp.float32))
     assert flops.jaxpr_flops(train.jaxpr) == flops.train_step_flops(cfg, kcfg, 8, 64)
     assert flops.jaxpr_flops(evaluate.jaxpr) == flops.eval_step_flops(cfg, kcfg, 8, 64)

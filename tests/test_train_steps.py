@@ -98,6 +98,25 @@ def test_eval_memory_matters_and_unknown_domains_are_refused(trainer):
         trainer.train_step(state, make_batch(0, [7] * B))
 
 
+def test_after_the_gate_steps_only_memory_trains_under_the_final_mask(decoder):
+    trainer = KoffTrainer(decoder, KCFG.replace(gate_fraction=0.25))  # gates train for steps 0 and 1
+    state = trainer.init(DOMAIN_TOKENS)
+    for batch in BATCHES[:2]:
+        gates = host(state.gates)
+        state, _ = trainer.train_step(state, batch)
+        assert not np.array_equal(gates["neuron"], host(state.gates)["neuron"])
+    before = host(state)
+    expected = trainer.evaluate(state, [BATCHES[2]])
+    state, metrics = trainer.train_step(state, BATCHES[2])
+    after = host(state)
+    assert_trees_equal((before.gates, before.multipliers, before.gate_opt), (after.gates, after.multipliers,
+                                                                               after.gate_opt))
+    assert not np.allclose(before.memory["k"][3], after.memory["k"][3])  # domain 3 trained
+    np.testing.assert_allclose(float(metrics["loss"]), expected["loss_memory"][3], rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["expected_sparsity"]), KCFG.target_sparsity, atol=0.05)
+    assert float(metrics["target"]) == np.float32(KCFG.target_sparsity)
+
+
 def assert_same_updates(init, a, b, rtol=1e-3):
     """Per array, |update_a - update_b| <= rtol * |update_a| (L2 norms).
 

@@ -20,6 +20,7 @@ def get_config():
     c.koff.lora_rank = 2
     c.koff.lora_targets = ("q", "down")
     c.koff.loss_chunk = 256
+    c.koff.gate_fraction = 0.5  # 2 gate steps, then 2 memory steps under the frozen mask
     c.train.steps = 4
     c.train.variants = ("koff", "prune_only", "lora_only", "kv_only")
     c.train.save_every = 2

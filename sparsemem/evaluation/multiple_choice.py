@@ -1,10 +1,16 @@
-"""Multiple choice from held-out paragraphs: pick a paragraph's true continuation among 4.
+"""Multiple choice from held-out paragraphs: 4 candidates, the most likely one is the answer.
 
-A question takes one paragraph's first `prompt_tokens` tokens (after BOS) as the
-prompt; the candidates are the next `continuation_tokens` tokens of that paragraph
-and of 3 other paragraphs of the same domain, so every candidate has the same
-length and the summed log-likelihood decides. For an aligned corpus, question j
-uses the same paragraph (and distractors) in every domain.
+Two tasks, every candidate `continuation_tokens` long:
+- *continuation*: the prompt is a paragraph's first `prompt_tokens` tokens (after BOS);
+  the candidates are the next tokens of that paragraph and of 3 other paragraphs of
+  the same domain; the summed log-likelihood decides. For an aligned corpus, question
+  j uses the same paragraph (and distractors) in every domain.
+- *translation* (aligned corpora): the prompt is a source-language paragraph (first
+  `prompt_tokens` tokens) and a separator; the candidates are the first tokens of its
+  translation and of 3 other paragraphs in the target language (the question's
+  domain). Candidates differ in how likely they are a priori, so the score is the
+  log-likelihood gain over the separator alone (`baseline`): log p(c | source) - log p(c).
+Distractors are drawn among paragraphs whose candidate tokens differ from the answer's.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import numpy as np
 from sparsemem.evaluation.scoring import Scorer
 
 NUM_CHOICES = 4
+TASKS = ("continuation", "translation")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,11 +32,32 @@ class Question:
     prompt: tuple[int, ...]
     choices: tuple[tuple[int, ...], ...]
     answer: int
+    baseline: tuple[int, ...] | None = None  # a prompt whose choice likelihoods are subtracted (None: none)
+
+
+def _pick(rng: np.random.Generator, pool: list[int], correct: int, candidate) -> tuple[list[int], np.ndarray] | None:
+    """The correct paragraph and 3 distractors from `pool` with pairwise different candidates, in random order."""
+    picks, seen = [correct], {candidate(correct)}
+    for i in rng.permutation(len(pool)):
+        if len(picks) == NUM_CHOICES:
+            break
+        if candidate(pool[i]) not in seen:
+            picks.append(pool[i])
+            seen.add(candidate(pool[i]))
+    if len(picks) < NUM_CHOICES:
+        return None
+    return picks, rng.permutation(NUM_CHOICES)
+
+
+def _too_few(domain: int, count: int, need: int) -> ValueError:
+    return ValueError(f"domain {domain} has {count} usable held-out paragraphs of >= {need} tokens; "
+                      f"multiple choice needs >= {NUM_CHOICES} with different candidates: lower "
+                      "eval.mc_prompt_tokens/mc_continuation_tokens, raise eval.paragraphs, or set eval.mc_questions=0")
 
 
 def build_questions(token_ids: Sequence[Sequence[Sequence[int]]], *, num_questions: int, prompt_tokens: int,
                     continuation_tokens: int, aligned: bool, seed: int = 0) -> list[Question]:
-    """Up to `num_questions` questions per domain from `token_ids[domain][paragraph]` (BOS included)."""
+    """Up to `num_questions` continuation questions per domain from `token_ids[domain][paragraph]` (BOS included)."""
     need = 1 + prompt_tokens + continuation_tokens
     eligible = [{i for i, ids in enumerate(paragraphs) if len(ids) >= need} for paragraphs in token_ids]
     if aligned:
@@ -38,18 +66,48 @@ def build_questions(token_ids: Sequence[Sequence[Sequence[int]]], *, num_questio
     questions = []
     for domain, (paragraphs, pool) in enumerate(zip(token_ids, eligible)):
         pool = sorted(pool)
-        if len(pool) < NUM_CHOICES:
-            raise ValueError(f"domain {domain} has {len(pool)} held-out paragraphs of >= {need} tokens; "
-                             f"multiple choice needs >= {NUM_CHOICES}: lower eval.mc_prompt_tokens/"
-                             "mc_continuation_tokens, raise eval.paragraphs, or set eval.mc_questions=0")
+        candidate = lambda p, paragraphs=paragraphs: tuple(paragraphs[p][1 + prompt_tokens:need])  # noqa: E731
+        if len({candidate(p) for p in pool}) < NUM_CHOICES:
+            raise _too_few(domain, len(pool), need)
         rng = np.random.default_rng(seed)  # same draws in every domain: aligned questions stay aligned
         for q in rng.permutation(len(pool))[:num_questions]:
-            others = rng.choice([i for i in range(len(pool)) if i != q], NUM_CHOICES - 1, replace=False)
-            order = rng.permutation(NUM_CHOICES)
-            picks = [pool[q]] + [pool[i] for i in others]
-            cont = [tuple(paragraphs[p][1 + prompt_tokens:need]) for p in picks]
+            picked = _pick(rng, pool, pool[q], candidate)
+            if picked is None:
+                continue
+            picks, order = picked
             questions.append(Question(domain, tuple(paragraphs[pool[q]][:1 + prompt_tokens]),
-                                      tuple(cont[i] for i in order), int(np.flatnonzero(order == 0)[0])))
+                                      tuple(candidate(picks[i]) for i in order), int(np.flatnonzero(order == 0)[0])))
+    return questions
+
+
+def build_translation_questions(token_ids: Sequence[Sequence[Sequence[int]]], *, source: int, num_questions: int,
+                                prompt_tokens: int, continuation_tokens: int, separator: Sequence[int],
+                                seed: int = 0) -> list[Question]:
+    """Up to `num_questions` questions per target domain: translate paragraph p of `source` into that domain.
+
+    `token_ids[domain][p]` (BOS included) must be aligned: paragraph p translates
+    paragraph p of every other domain. Sources are cut to `prompt_tokens` tokens.
+    """
+    if len({len(paragraphs) for paragraphs in token_ids}) != 1:
+        raise ValueError("translation questions need an aligned corpus (the same paragraphs in every domain)")
+    sep = tuple(separator)
+    questions = []
+    for domain, paragraphs in enumerate(token_ids):
+        if domain == source:
+            continue
+        pool = [p for p, ids in enumerate(paragraphs) if len(ids) > continuation_tokens and len(token_ids[source][p]) > 1]
+        candidate = lambda p, paragraphs=paragraphs: tuple(paragraphs[p][1:1 + continuation_tokens])  # noqa: E731
+        if len({candidate(p) for p in pool}) < NUM_CHOICES:
+            raise _too_few(domain, len(pool), 1 + continuation_tokens)
+        rng = np.random.default_rng(seed)
+        for q in rng.permutation(len(pool))[:num_questions]:
+            picked = _pick(rng, pool, pool[q], candidate)
+            if picked is None:
+                continue
+            picks, order = picked
+            prompt = tuple(token_ids[source][pool[q]][:1 + prompt_tokens]) + sep
+            questions.append(Question(domain, prompt, tuple(candidate(picks[i]) for i in order),
+                                      int(np.flatnonzero(order == 0)[0]), baseline=prompt[:1] + sep))
     return questions
 
 
@@ -81,12 +139,23 @@ def question_batches(questions: Sequence[Question], *, batch_size: int, pad_id: 
 
 def accuracy(scorer: Scorer, questions: Sequence[Question], num_domains: int, *, batch_size: int, pad_id: int,
              first_position: int = 0, **kwargs) -> np.ndarray:
-    """Accuracy per domain `[D]` (NaN for a domain without questions); `kwargs` go to `Scorer.row_losses`."""
-    losses = []
-    for batch in question_batches(questions, batch_size=batch_size, pad_id=pad_id, first_position=first_position):
-        loss, _ = scorer.row_losses(batch, **kwargs)
-        losses.append(loss)
-    per_choice = np.concatenate(losses)[:len(questions) * NUM_CHOICES].reshape(len(questions), NUM_CHOICES)
+    """Accuracy per domain `[D]` (NaN for a domain without questions); `kwargs` go to `Scorer.row_losses`.
+
+    A question's choice with the lowest loss wins, where the loss of a question with
+    a `baseline` prompt is its loss after the prompt minus its loss after the baseline.
+    """
+
+    def choice_losses(questions):
+        losses = []
+        for batch in question_batches(questions, batch_size=batch_size, pad_id=pad_id, first_position=first_position):
+            losses.append(scorer.row_losses(batch, **kwargs)[0])
+        return np.concatenate(losses)[:len(questions) * NUM_CHOICES].reshape(len(questions), NUM_CHOICES)
+
+    per_choice = choice_losses(questions)
+    with_baseline = np.array([q.baseline is not None for q in questions])
+    if with_baseline.any():
+        baselines = [dataclasses.replace(q, prompt=q.baseline) for q in questions if q.baseline is not None]
+        per_choice[with_baseline] -= choice_losses(baselines)
     correct = np.argmin(per_choice, axis=1) == np.array([q.answer for q in questions])
     domains = np.array([q.domain for q in questions])
     with np.errstate(invalid="ignore"):

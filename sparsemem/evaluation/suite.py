@@ -30,9 +30,12 @@ def _per_domain(values: np.ndarray, domains: Sequence[str]) -> dict[str, float]:
 
 def evaluate(scorer: Scorer, settings: Mapping[str, Setting], *, domains: Sequence[str], batches: list,
              masks: Mapping[str, dict], tables: Mapping[str, dict], lora_scales: Mapping[str, float],
-             questions: Sequence[multiple_choice.Question], mc_settings: Sequence[str], batch_size: int,
+             questions: Mapping[str, Sequence[multiple_choice.Question]], mc_settings: Sequence[str], batch_size: int,
              pad_id: int, first_position: int = 0) -> dict:
-    """Everything the report shows about quality, as a JSON-ready dict (perplexities in exp(nats/token))."""
+    """Everything the report shows about quality, as a JSON-ready dict (perplexities in exp(nats/token)).
+
+    `questions` maps a multiple-choice task (`multiple_choice.TASKS`) to its questions.
+    """
     D = len(domains)
     out: dict = {"domains": list(domains), "settings": {n: s.label for n, s in settings.items()},
                  "loss": {}, "perplexity": {}, "tokens": {}}
@@ -62,15 +65,18 @@ def evaluate(scorer: Scorer, settings: Mapping[str, Setting], *, domains: Sequen
     out["swap"] = {"rows": "memory of domain i", "columns": "text of domain j", "perplexity": swap.tolist(),
                    "diagonal_wins": int(np.sum(np.argmin(swap, axis=0) == np.arange(D)))}
 
-    out["mc"] = {}
-    if questions:
+    out["mc"], out["mc_questions_per_domain"] = {}, {}
+    for task, task_questions in questions.items():
+        out["mc"][task] = {}
         for name in mc_settings:
             if name not in settings:
                 continue
-            acc = multiple_choice.accuracy(scorer, questions, D, batch_size=batch_size, pad_id=pad_id,
-                                           first_position=first_position, **_setting_kwargs(settings[name], masks, tables, lora_scales))
-            out["mc"][name] = {**_per_domain(acc, domains), "mean": float(np.nanmean(acc))}
-            log.info("eval multiple choice %-16s accuracy %s", name,
+            acc = multiple_choice.accuracy(scorer, task_questions, D, batch_size=batch_size, pad_id=pad_id,
+                                           first_position=first_position,
+                                           **_setting_kwargs(settings[name], masks, tables, lora_scales))
+            out["mc"][task][name] = {**_per_domain(acc, domains), "mean": float(np.nanmean(acc))}
+            log.info("eval %s multiple choice %-16s accuracy %s", task, name,
                      " ".join(f"{d}={a:.2f}" for d, a in zip(domains, acc)))
-        out["mc_questions_per_domain"] = len(questions) // D
+        out["mc_questions_per_domain"][task] = max(
+            int(np.sum([q.domain == d for q in task_questions])) for d in range(D))
     return out

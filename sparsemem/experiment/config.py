@@ -16,6 +16,7 @@ from typing import Any
 
 import ml_collections
 
+from sparsemem.evaluation.multiple_choice import TASKS
 from sparsemem.evaluation.settings import SETTINGS
 from sparsemem.koff.config import KoffConfig
 
@@ -61,7 +62,8 @@ def defaults() -> ml_collections.ConfigDict:
         split="test",
         paragraphs=64,  # held-out paragraphs per domain (aligned across languages for the help corpus)
         batch_size=4,
-        mc_questions=16,  # multiple-choice questions per domain (0: skip)
+        mc_questions=16,  # multiple-choice questions per domain and task (0: skip)
+        mc_tasks=("continuation", "translation"),  # translation: from the first language (aligned corpora only)
         mc_prompt_tokens=24,
         mc_continuation_tokens=16,
         mc_settings=("dense", "pruned", "pruned_retrained", "koff"),
@@ -193,6 +195,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     bad = sorted(set(c.eval.mc_settings) - set(SETTINGS))
     if bad:
         problems.append(f"eval.mc_settings has unknown settings {bad}; choose from {sorted(SETTINGS)}")
+    bad = sorted(set(c.eval.mc_tasks) - set(TASKS))
+    if bad:
+        problems.append(f"eval.mc_tasks has unknown tasks {bad}; choose from {TASKS}")
     if c.eval.split not in ("validation", "test"):
         problems.append(f"eval.split={c.eval.split!r} must be 'validation' or 'test'")
     for key in ("data.seq_len", "data.batch_size", "train.steps", "eval.paragraphs", "eval.batch_size",

@@ -12,7 +12,7 @@ from sparsemem.experiment.rundir import RunDir
 
 
 def _table(header: list[str], rows: list[list]) -> str:
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    fmt = lambda v: ("n/a" if np.isnan(v) else f"{v:.3f}") if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -32,11 +32,26 @@ def swap_table(results: dict) -> str:
     return _table(["memory \\ text"] + domains, rows)
 
 
-def mc_table(results: dict) -> str:
+MC_TITLES = {"continuation": "true continuation among 4",
+             "translation": "true translation of a {source} paragraph among 4 paragraphs in the text's language, "
+                            "scored by log p(candidate | source) - log p(candidate)"}
+
+
+def mc_table(results: dict, task: str) -> str:
     domains = results["domains"]
     rows = [[results["settings"][name]] + [values[d] for d in domains] + [values["mean"]]
-            for name, values in results["mc"].items()]
+            for name, values in results["mc"][task].items()]
     return _table(["setting"] + domains + ["mean"], rows)
+
+
+def mc_sections(results: dict) -> list[str]:
+    """One heading and accuracy table per multiple-choice task."""
+    out = []
+    for task in results["mc"]:
+        title = MC_TITLES[task].format(source=results["domains"][0])
+        out += ["", f"## Multiple choice: {task} ({title}; {results['mc_questions_per_domain'][task]} questions per "
+                "domain; accuracy, chance 0.25)", "", mc_table(results, task)]
+    return out
 
 
 def gap_summary(results: dict) -> list[str]:
@@ -175,9 +190,7 @@ def write_report(run: RunDir) -> str:
                 "", "## Memory swap (perplexity of text j with memory i; KOFF mask)", "", swap_table(results),
                 "", "![memory swap](plots/swap.png)"]
         plot_swap(results, plots / "swap.png")
-        if results["mc"]:
-            out += ["", f"## Multiple choice (true continuation among 4, {results['mc_questions_per_domain']} "
-                    "questions per domain; accuracy, chance 0.25)", "", mc_table(results)]
+        out += mc_sections(results)
     if analysis:
         rows = [[v, t["specific_neurons"], t["removed_among_specific"], t["removed_among_all"], t["chance_mean"],
                  t["chance_95"], t["p_value"]] for v, t in analysis["tests"].items()]

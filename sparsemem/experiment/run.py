@@ -31,6 +31,10 @@ from sparsemem.train.trainer import KoffTrainer
 log = logging.getLogger(__name__)
 
 
+# Between a source paragraph and its translation in translation questions (from the first domain).
+TRANSLATION_SEPARATOR = "\n\n"
+
+
 class Interrupted(RuntimeError):
     """Training stopped on SIGTERM after saving a checkpoint; the same command resumes it."""
 
@@ -40,7 +44,8 @@ def default_workdir(config: ml_collections.ConfigDict) -> str:
 
 
 def _train_variant(run: RunDir, config, trainer: KoffTrainer, variant: str, corpus: setup.Corpus, tokenizer):
-    kcfg, steps = trainer.kcfg, config.train.steps
+    kcfg = trainer.kcfg
+    steps = config.train.steps if kcfg.has_memory else kcfg.gate_steps  # nothing trains under a frozen mask
     checkpointer = RunCheckpointer(run.path / "checkpoints" / variant, max_to_keep=2)
     batches = setup.AfterMemory(pipeline.train_batches(corpus.train, tokenizer, seq_len=config.data.seq_len,
                                                        batch_size=config.data.batch_size, seed=config.data.seed),
@@ -107,13 +112,19 @@ def _evaluate(config, trainer, corpus, tokenizer, masks, tables, lora_scales) ->
     batches = [setup.after_memory(b, config.koff.memory_slots)
                for b in pipeline.eval_batches(corpus.held_out, tokenizer, seq_len=config.data.seq_len,
                                               batch_size=e.batch_size)]
-    questions = []
+    questions = {}
     if e.mc_questions:
         ids = [setup.token_ids(source, tokenizer) for source in corpus.held_out_all]
-        questions = multiple_choice.build_questions(ids, num_questions=e.mc_questions,
-                                                    prompt_tokens=e.mc_prompt_tokens,
-                                                    continuation_tokens=e.mc_continuation_tokens,
-                                                    aligned=corpus.aligned, seed=config.data.seed)
+        sizes = dict(num_questions=e.mc_questions, prompt_tokens=e.mc_prompt_tokens,
+                     continuation_tokens=e.mc_continuation_tokens, seed=config.data.seed)
+        if "continuation" in e.mc_tasks:
+            questions["continuation"] = multiple_choice.build_questions(ids, aligned=corpus.aligned, **sizes)
+        if "translation" in e.mc_tasks and corpus.aligned:
+            separator = tokenizer.encode(TRANSLATION_SEPARATOR, add_bos=False)
+            questions["translation"] = multiple_choice.build_translation_questions(
+                ids, source=0, separator=separator, **sizes)
+        elif "translation" in e.mc_tasks:
+            log.warning("skipping translation questions: corpus %s is not aligned across domains", config.data.corpus)
     return suite.evaluate(Scorer(trainer), settings_lib.resolve(config.train.variants), domains=corpus.names,
                           batches=batches, masks=masks, tables=tables, lora_scales=lora_scales, questions=questions,
                           mc_settings=e.mc_settings, batch_size=e.batch_size, pad_id=tokenizer.pad_id,

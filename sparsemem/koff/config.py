@@ -19,6 +19,10 @@ class KoffConfig:
     sparsity_over: Literal["prunable", "all"] = "prunable"
     total_steps: int = 1000
     warmup_fraction: float = 0.3
+    # The gates train for the first `gate_fraction * total_steps` steps; after that the mask
+    # is frozen to the deterministic top-k at the target and only the memory trains under it
+    # (prune, then retrain: the memory learns to compensate for exactly the units removed).
+    gate_fraction: float = 1.0
     block_gates: bool = False  # also gate whole attention / MLP blocks per layer
     init_keep_prob: float = 0.99  # P(unit kept) at initialisation: "almost surely kept"
     # Memory table: M KV slots per layer and KV head, LoRA of rank r on `lora_targets`.
@@ -52,6 +56,8 @@ class KoffConfig:
             problems.append(f"sparsity_over={self.sparsity_over!r} must be 'prunable' or 'all'")
         if not 0.0 <= self.warmup_fraction <= 1.0:
             problems.append(f"warmup_fraction={self.warmup_fraction} must be in [0, 1]")
+        if not 0.0 < self.gate_fraction <= 1.0:
+            problems.append(f"gate_fraction={self.gate_fraction} must be in (0, 1]")
         if not 0.0 < self.init_keep_prob < 1.0:
             problems.append(f"init_keep_prob={self.init_keep_prob} must be in (0, 1)")
         if self.memory_slots < 0 or self.lora_rank < 0:
@@ -75,6 +81,15 @@ class KoffConfig:
     @property
     def warmup_steps(self) -> int:
         return int(round(self.warmup_fraction * self.total_steps))
+
+    @property
+    def gate_steps(self) -> int:
+        """Steps in which the gates train (at least 1); the mask is frozen after them."""
+        return max(1, int(round(self.gate_fraction * self.total_steps)))
+
+    @property
+    def has_memory(self) -> bool:
+        return self.memory_slots > 0 or self.lora_rank > 0
 
     def replace(self, **changes: Any) -> "KoffConfig":
         return dataclasses.replace(self, **changes)

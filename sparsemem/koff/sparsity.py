@@ -124,13 +124,32 @@ class Multiplier(nnx.Param):
 
 
 class Lagrangian(nnx.Module):
-    """`lambda1 * (s - t) + lambda2 * (s - t)**2`, minimised by the gates, maximised by the lambdas."""
+    """`N * (lambda1 * (s - t) + lambda2 * (s - t)**2)`, minimised by the gates, maximised by the lambdas.
+
+    `N` is the number of gated units, so the multipliers are *per unit*: one unit
+    moves `s` by about `1/N`, and without `N` the multipliers (and `lambda_lr`) would
+    have to grow with model size before the constraint could outweigh a unit's LM
+    gradient (Gemma-3-270M: a neuron's d s/d log_alpha is ~2e-7 against a typical LM
+    gradient of ~1e-4). The multipliers ascend the unscaled gap (`lagrangian_gap_grads`).
+    """
 
     def __init__(self):
         self.lambda1 = Multiplier(jnp.zeros(()), logical_axes=())
         self.lambda2 = Multiplier(jnp.zeros(()), logical_axes=())
 
 
-def lagrangian(lambdas: dict[str, jax.Array], s_hat: jax.Array, target: jax.Array) -> jax.Array:
+def num_units(log_alphas: dict[str, jax.Array]) -> int:
+    """How many gates there are (heads, neurons and any block gates)."""
+    return sum(x.size for x in jax.tree.leaves(log_alphas))
+
+
+def lagrangian(lambdas: dict[str, jax.Array], s_hat: jax.Array, target: jax.Array, units: int = 1) -> jax.Array:
+    """The penalty the gates minimise: `units * (lambda1 * gap + lambda2 * gap**2)`, `gap = s_hat - target`."""
     gap = s_hat - target
-    return lambdas["lambda1"] * gap + lambdas["lambda2"] * gap**2
+    return units * (lambdas["lambda1"] * gap + lambdas["lambda2"] * gap**2)
+
+
+def multiplier_ascent_grads(s_hat: jax.Array, target: jax.Array) -> dict[str, jax.Array]:
+    """d/d(lambda) of the per-unit Lagrangian (`units=1`): the multipliers climb at `lambda_lr * gap`."""
+    gap = s_hat - target
+    return {"lambda1": gap, "lambda2": gap**2}

@@ -122,13 +122,13 @@ def compile_koff(cfg: ModelConfig, kcfg: KoffConfig, topology: Topology, mesh_sh
         train_batch = _abstract_batch(mesh, batch, seq_len)
         eval_batch_ = _abstract_batch(mesh, eval_batch, seq_len)
         train = _step_cost(
-            "train", trainer._jitted("train", trainer._train_step, train_batch),
+            "train", trainer.step_function("train", train_batch),
             (trainer.abstract_state, trainer.backbone, train_batch), batch,
             flops_lib.train_step_flops(cfg, kcfg, batch, seq_len),
             flops_lib.train_step_flops(cfg, kcfg, batch, seq_len, recompute=False))
         eval_flops = flops_lib.eval_step_flops(cfg, kcfg, eval_batch, seq_len)
         evaluate = _step_cost(
-            "eval", trainer._jitted("eval", trainer._eval_step, eval_batch_),
+            "eval", trainer.step_function("eval", eval_batch_),
             (trainer.abstract_state, trainer.backbone, eval_batch_, jax.ShapeDtypeStruct((), jnp.float32,
                                                                                       sharding=rep)),
             eval_batch, eval_flops, eval_flops)

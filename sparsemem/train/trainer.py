@@ -9,6 +9,8 @@ One step (`train_step`):
    gradients of the summed token losses w.r.t. gate logits and gathered rows;
 3. add the Lagrangian's gradients, step the gates (Adam), the multipliers
    (gradient ascent) and the gathered rows (row-sparse Adam), scatter the rows back.
+After `kcfg.gate_steps` the step is the *memory step*: the deterministic mask at the
+target replaces the gate sample, and gates and multipliers stay fixed.
 The backbone is an argument of the step, never donated, never differentiated.
 """
 
@@ -193,7 +195,10 @@ class KoffTrainer:
         return jax.tree.map(split_, {k: batch[k] for k in BATCH_KEYS}), split_(inv), split_(batch["domain"])
 
     # -- train step -----------------------------------------------------------
-    def _train_step(self, state: TrainState, backbone, batch):
+    def _final_masks(self, log_alphas):
+        return sparsity.deterministic_masks(self.cfg, log_alphas, self.kcfg.target_sparsity, self.kcfg.sparsity_over)
+
+    def _train_step(self, state: TrainState, backbone, batch, *, train_gates: bool = True):
         kcfg, D = self.kcfg, self.kcfg.num_domains
         decoder = nnx.merge(self.decoder_def, backbone)
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -203,7 +208,7 @@ class KoffTrainer:
         with_kl = kcfg.kl_weight > 0
 
         def micro_loss(log_alphas, rows, mb, mb_inv, key):
-            z = gates_lib.sample_all(log_alphas, key)
+            z = gates_lib.sample_all(log_alphas, key) if train_gates else self._final_masks(log_alphas)
             ce, kl = self._loss_sums(decoder, gates_lib.scales(z), rows, mb_inv, mb, with_kl)
             return jnp.sum(ce) + kcfg.kl_weight * jnp.sum(kl), (ce, kl)
 
@@ -224,19 +229,15 @@ class KoffTrainer:
         g_gates = jax.tree.map(lambda g: g / num_tokens, g_gates)
         g_rows = jax.tree.map(lambda g: g / num_tokens, g_rows)
 
-        target = sparsity.target_at(state.step, kcfg.target_sparsity, kcfg.warmup_steps)
-
-        def constraint(log_alphas, lambdas):
-            s_hat = sparsity.expected_sparsity(self.cfg, log_alphas, kcfg.sparsity_over)
-            return sparsity.lagrangian(lambdas, s_hat, target)
-
-        lag, (lg_gates, lg_lambdas) = jax.value_and_grad(constraint, argnums=(0, 1))(state.gates, state.multipliers)
-        g_gates = jax.tree.map(jnp.add, g_gates, lg_gates)
-
-        updates, gate_opt = self.gate_tx.update(g_gates, state.gate_opt, state.gates)
-        gates = optax.apply_updates(state.gates, updates)
-        updates, lambda_opt = self.lambda_tx.update(jax.tree.map(jnp.negative, lg_lambdas), state.lambda_opt)
-        multipliers = optax.apply_updates(state.multipliers, updates)
+        if train_gates:
+            target = sparsity.target_at(state.step, kcfg.target_sparsity, kcfg.warmup_steps)
+            lag, gates, gate_opt, multipliers, lambda_opt = self._constrained_gate_update(state, g_gates, target)
+            keep = sparsity.keep_probs(state.gates)
+        else:
+            target = jnp.float32(kcfg.target_sparsity)
+            lag, gates, gate_opt, multipliers, lambda_opt = (
+                jnp.zeros(()), state.gates, state.gate_opt, state.multipliers, state.lambda_opt)
+            keep = self._final_masks(state.gates)
         new_rows, row_opt = rowsparse.update(g_rows, rowsparse.gather(state.memory_opt, slots), rows,
                                              lr=kcfg.memory_lr, b1=kcfg.adam_b1, b2=kcfg.adam_b2, eps=kcfg.adam_eps)
         new_state = state.replace(
@@ -244,7 +245,6 @@ class KoffTrainer:
             memory=scatter_rows(state.memory, slots, new_rows),
             memory_opt=rowsparse.scatter(state.memory_opt, slots, row_opt))
 
-        keep = sparsity.keep_probs(state.gates)
         remaining = sparsity.remaining_params(self.cfg, keep)
         metrics = {
             "loss": jnp.sum(ce) / num_tokens,
@@ -261,10 +261,30 @@ class KoffTrainer:
         }
         return new_state, metrics
 
+    def _constrained_gate_update(self, state: TrainState, g_gates, target):
+        """Add the Lagrangian's gradient to the gates' LM gradient; step the gates (Adam) and multipliers (ascent)."""
+        kcfg = self.kcfg
+
+        def constraint(log_alphas):
+            s_hat = sparsity.expected_sparsity(self.cfg, log_alphas, kcfg.sparsity_over)
+            units = sparsity.num_units(log_alphas)
+            return sparsity.lagrangian(state.multipliers, s_hat, target, units), s_hat
+
+        (lag, s_hat), lg_gates = jax.value_and_grad(constraint, has_aux=True)(state.gates)
+        g_gates = jax.tree.map(jnp.add, g_gates, lg_gates)
+        updates, gate_opt = self.gate_tx.update(g_gates, state.gate_opt, state.gates)
+        gates = optax.apply_updates(state.gates, updates)
+        ascent = sparsity.multiplier_ascent_grads(s_hat, target)
+        updates, lambda_opt = self.lambda_tx.update(jax.tree.map(jnp.negative, ascent), state.lambda_opt)
+        return lag, gates, gate_opt, optax.apply_updates(state.multipliers, updates), lambda_opt
+
     def train_step(self, state: TrainState, batch: Mapping[str, Any]) -> tuple[TrainState, dict[str, jax.Array]]:
-        """One optimiser step; `state` is donated (do not reuse it). Metrics are replicated arrays."""
+        """One optimiser step (a gate step, or a memory step once `step >= kcfg.gate_steps`).
+
+        `state` is donated (do not reuse it). Metrics are replicated arrays.
+        """
         batch = self.place_batch(batch)
-        fn = self._jitted("train", self._train_step, batch)
+        fn = self.step_function("train" if int(state.step) < self.kcfg.gate_steps else "memory", batch)
         with jax.set_mesh(self.mesh), axis_rules(self.rules):
             return fn(state, self.backbone, batch)
 
@@ -291,7 +311,7 @@ class KoffTrainer:
     def eval_step(self, state: TrainState, batch: Mapping[str, Any], target: float | None = None) -> dict:
         """Per-domain loss sums under the deterministic mask at `target` (default: the final target)."""
         batch = self.place_batch(batch)
-        fn = self._jitted("eval", self._eval_step, batch)
+        fn = self.step_function("eval", batch)
         target = self.kcfg.target_sparsity if target is None else target
         with jax.set_mesh(self.mesh), axis_rules(self.rules):
             return fn(state, self.backbone, batch, jnp.float32(target))
@@ -312,13 +332,22 @@ class KoffTrainer:
                 "ppl_no_memory": np.exp(loss), "tokens": totals["tokens"]}
 
     # -- compilation ------------------------------------------------------------
-    def _jitted(self, name: str, fn, batch: dict[str, jax.Array]):
-        """`fn` jitted with explicit shardings; one compilation per step kind and batch sharding."""
+    def step_function(self, kind: str, batch: dict[str, jax.Array]):
+        """The jitted `"train"` (gate), `"memory"` (frozen mask) or `"eval"` step for batches shaped like `batch`.
+
+        Explicit in/out shardings, state donated by the train steps; one compilation
+        per step kind and batch layout (also what `sparsemem compile` lowers).
+        """
+        fns = {"train": self._train_step, "memory": functools.partial(self._train_step, train_gates=False),
+               "eval": self._eval_step}
+        if kind not in fns:
+            raise ValueError(f"unknown step kind {kind!r}; choose from {sorted(fns)}")
+        fn = fns[kind]
         batch_sh = {k: v.sharding for k, v in batch.items()}
-        key = (name, tuple((k, v.shape, v.sharding) for k, v in sorted(batch.items())))
+        key = (kind, tuple((k, v.shape, v.sharding) for k, v in sorted(batch.items())))
         if key not in self._compiled:
             rep = NamedSharding(self.mesh, PartitionSpec())
-            train = name == "train"
+            train = kind != "eval"
             self._compiled[key] = jax.jit(
                 fn, in_shardings=(self.state_shardings, self.backbone_shardings, batch_sh) + (() if train else (rep,)),
                 out_shardings=(self.state_shardings, rep) if train else rep,
