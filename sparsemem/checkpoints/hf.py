@@ -213,7 +213,7 @@ def load_hf_checkpoint(path: str | os.PathLike, *, mesh: Mesh | None = None, rul
     return nnx.merge(graphdef, state)
 
 
-def _atomic_write(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> None:
+def atomic_write(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> None:
     """Write via a temporary file in the same folder, then rename: readers never see a partial file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
@@ -239,8 +239,8 @@ def save_hf_checkpoint(model: Decoder, path: str | os.PathLike) -> None:
                 tensors[hf_name] = tmap.to_hf(value[i])
         else:
             tensors[tmap.hf_name] = tmap.to_hf(value)
-    _atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    _atomic_write(path / "config.json", lambda tmp: tmp.write_text(json.dumps(to_hf_config(cfg), indent=2)))
+    atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    atomic_write(path / "config.json", lambda tmp: tmp.write_text(json.dumps(to_hf_config(cfg), indent=2)))
 
 
 def load_tokenizer(path: str | os.PathLike, cfg: ModelConfig) -> Tokenizer:

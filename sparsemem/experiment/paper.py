@@ -35,7 +35,9 @@ def paper_config(name: str, model_dir: str, corpus: Literal["wiki40b", "libreoff
     c.koff.kl_weight = 0.5
     c.koff.gate_lr = 0.05
     c.koff.memory_lr = 1e-3
-    c.koff.lambda_lr = 0.05
+    c.koff.lambda_lr = 0.05  # per gated unit (koff/sparsity.py), so it carries over from the 270M demo
+    c.koff.warmup_fraction = 0.2
+    c.koff.gate_fraction = 0.5  # then 2000 steps of memory training under the frozen mask
     c.koff.compute_dtype = "bfloat16"
     c.koff.remat = "full"
     c.koff.loss_chunk = 4096

@@ -7,6 +7,7 @@ import json
 import numpy as np
 from matplotlib.figure import Figure  # no pyplot: no global backend state, works headless and in notebooks
 
+from sparsemem.experiment.config import koff_config
 from sparsemem.experiment.metrics import read_metrics
 from sparsemem.experiment.rundir import RunDir
 
@@ -60,12 +61,16 @@ def gap_summary(results: dict) -> list[str]:
     lines = []
     baseline = "pruned_retrained" if "pruned_retrained" in loss else "pruned"
     gap = loss[baseline] - loss["dense"]
-    lines.append(f"- pruning without memories ({results['settings'][baseline]}) costs "
+    verdict = "degrades" if gap > 0 else "does not degrade"
+    lines.append(f"- pruning without memories ({results['settings'][baseline]}) {verdict}: "
                  f"{gap:+.3f} nats/token vs dense (perplexity x{np.exp(gap):.2f}).")
     if gap > 0:
         recovered = (loss[baseline] - loss["koff"]) / gap
         lines.append(f"- KOFF recovers {100 * recovered:.0f}% of that gap "
                      f"(KOFF {loss['koff'] - loss['dense']:+.3f} nats/token vs dense).")
+    else:
+        lines.append(f"- KOFF vs that baseline: {loss['koff'] - loss[baseline]:+.3f} nats/token; "
+                     f"vs dense: {loss['koff'] - loss['dense']:+.3f}.")
     both, lora, kv = loss["koff"], loss["pruned_lora"], loss["pruned_kv"]
     verdict = "beats" if both < min(lora, kv) else "does not beat"
     lines.append(f"- LoRA + KV ({both:.3f}) {verdict} LoRA only ({lora:.3f}) and KV only ({kv:.3f}).")
@@ -74,7 +79,8 @@ def gap_summary(results: dict) -> list[str]:
     return lines
 
 
-def plot_training(metrics: list[dict], path) -> None:
+def plot_training(metrics: list[dict], path, gate_steps: int | None = None) -> None:
+    """Loss, expected sparsity (the realised mask's once frozen) and lambda1 per step; a line where the mask froze."""
     variants = sorted({m["variant"] for m in metrics})
     fig = Figure(figsize=(15, 4))
     axes = fig.subplots(1, 3)
@@ -88,6 +94,8 @@ def plot_training(metrics: list[dict], path) -> None:
         rows = [m for m in metrics if m["variant"] == variants[0]]
         axes[1].plot([m["step"] for m in rows], [m["target"] for m in rows], "k--", label="target")
     for ax, title in zip(axes, ("train loss (nats/token)", "expected sparsity (prunable)", "Lagrange multiplier")):
+        if gate_steps is not None and gate_steps < max(m["step"] for m in metrics):
+            ax.axvline(gate_steps, color="grey", linestyle=":", label="mask frozen")
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
@@ -182,7 +190,8 @@ def write_report(run: RunDir) -> str:
         plot_sparsity(sparsities, plots / "sparsity_per_layer.png")
         out += ["", "![sparsity per layer](plots/sparsity_per_layer.png)"]
     if metrics:
-        plot_training(metrics, plots / "training.png")
+        gate_steps = koff_config(config, num_domains=1).gate_steps
+        plot_training(metrics, plots / "training.png", gate_steps)
         out += ["", "## Training", "", "![training curves](plots/training.png)"]
     if results:
         out += ["", f"## Held-out perplexity ({config.eval.split} split, up to {config.eval.paragraphs} paragraphs "

@@ -18,7 +18,7 @@ import shutil
 import numpy as np
 from safetensors.numpy import save_file
 
-from sparsemem.checkpoints.hf import SafetensorsFolder, TensorMap, _atomic_write, tensor_maps
+from sparsemem.checkpoints.hf import SafetensorsFolder, TensorMap, atomic_write, tensor_maps
 from sparsemem.models.config import ModelConfig, from_hf_config, to_hf_config
 from sparsemem.serve.compact import CompactLayout, build_compact
 from sparsemem.serve.compact_model import CompactDecoder
@@ -82,10 +82,10 @@ def save_backbone(backbone: Backbone, path: str | os.PathLike, tokenizer_file: s
     hf["sparsemem"] = {"format": FORMAT, "widths": backbone.layout.widths(), "layout": backbone.layout.to_json(),
                        "base_fingerprint": backbone.base_fingerprint, "mask_fingerprint": backbone.mask_fingerprint,
                        "merged_lora_domain": backbone.merged_domain}
-    _atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     if tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, path / "tokenizer.json")
-    _atomic_write(path / "config.json", lambda tmp: tmp.write_text(json.dumps(hf, indent=1)))
+    atomic_write(path / "config.json", lambda tmp: tmp.write_text(json.dumps(hf, indent=1)))
 
 
 def load_backbone(path: str | os.PathLike) -> Backbone:
