@@ -55,6 +55,24 @@ def mc_sections(results: dict) -> list[str]:
     return out
 
 
+def comparison_table(runs: list[RunDir]) -> str:
+    """One row per run: its target sparsity, geo-mean perplexity per setting, swap wins, MC accuracy, LAPE p."""
+    evals = [run.read_json("eval.json") for run in runs]
+    settings = list(dict.fromkeys(name for results in evals for name in results["perplexity"]))
+    tasks = list(dict.fromkeys(task for results in evals for task in results["mc"]))
+    header = (["run", "sparsity"] + [evals[0]["settings"].get(n, n) for n in settings] + ["own memory best"]
+              + [f"MC {task} (KOFF)" for task in tasks] + ["LAPE p (KOFF mask)"])
+    rows = []
+    for run, results in zip(runs, evals):
+        analysis = run.read_json("analysis.json") or {"tests": {}}
+        mc = [results["mc"].get(task, {}).get("koff", {}).get("mean", float("nan")) for task in tasks]
+        rows.append([run.path.name, run.config().koff.target_sparsity]
+                    + [results["perplexity"].get(n, {}).get("mean", float("nan")) for n in settings]
+                    + [f"{results['swap']['diagonal_wins']}/{len(results['domains'])}"] + mc
+                    + [analysis["tests"].get("koff", {}).get("p_value", float("nan"))])
+    return _table(header, rows)
+
+
 def gap_summary(results: dict) -> list[str]:
     """The paper's claims as measured numbers (mean loss over domains, nats/token)."""
     loss = {name: values["mean"] for name, values in results["loss"].items()}
