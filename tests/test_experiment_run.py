@@ -124,3 +124,16 @@ def test_analyze_recomputes_the_analysis_of_a_finished_run(ci_run, tmp_path):
     assert cli.main(["analyze", "--workdir", str(copy)]) == 0
     assert json.loads((copy / "analysis.json").read_text()) == json.loads((ci_run / "analysis.json").read_text())
     assert "## Language-specific neurons" in (copy / "report.md").read_text()
+
+
+def test_compare_tabulates_finished_runs_and_refuses_unfinished_ones(ci_run, tmp_path, capsys):
+    out = tmp_path / "compare.md"
+    assert cli.main(["compare", str(ci_run), str(ci_run), "--out", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ci |")]
+    results = json.loads((ci_run / "eval.json").read_text())
+    assert len(rows) == 2 and f"{results['perplexity']['koff']['mean']:.3f}" in rows[0]
+    assert out.read_text() in capsys.readouterr().out + "\n"
+    (tmp_path / "unfinished").mkdir()
+    shutil.copy(ci_run / "config.json", tmp_path / "unfinished" / "config.json")
+    with pytest.raises(SystemExit, match="no eval.json"):
+        cli.main(["compare", str(ci_run), str(tmp_path / "unfinished")])

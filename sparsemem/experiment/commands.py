@@ -1,4 +1,4 @@
-"""`sparsemem run` and `sparsemem analyze`."""
+"""`sparsemem run`, `sparsemem analyze` and `sparsemem compare`."""
 
 from __future__ import annotations
 
@@ -34,6 +34,23 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from sparsemem.experiment.report import comparison_table  # noqa: PLC0415
+    from sparsemem.experiment.rundir import RunDir  # noqa: PLC0415
+
+    runs = [RunDir(path) for path in args.workdirs]
+    unfinished = [str(run.path) for run in runs if run.read_json("eval.json") is None]
+    if unfinished:
+        raise SystemExit(f"no eval.json in {', '.join(unfinished)}: finish (or resume) those runs with "
+                         "`sparsemem run --config ... --workdir ...` first")
+    table = comparison_table(runs)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table + "\n")
+    return 0
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("run", help="train, evaluate, export and report one experiment (resumable)")
     p.add_argument("--config", required=True, help="experiments/configs/<name>.py")
@@ -44,3 +61,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("analyze", help="LAPE neuron specialisation vs the mask of a finished run")
     p.add_argument("--workdir", required=True, help="the run directory")
     p.set_defaults(func=_analyze)
+    p = subparsers.add_parser("compare", help="one table row per finished run: perplexity per setting, swap, MC, LAPE")
+    p.add_argument("workdirs", nargs="+", help="run directories, e.g. runs/demo_06 runs/demo runs/demo_25")
+    p.add_argument("--out", default=None, help="also write the markdown table to this file")
+    p.set_defaults(func=_compare)
