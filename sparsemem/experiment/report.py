@@ -84,8 +84,9 @@ def gap_summary(results: dict) -> list[str]:
                  f"{gap:+.3f} nats/token vs dense (perplexity x{np.exp(gap):.2f}).")
     if gap > 0:
         recovered = (loss[baseline] - loss["koff"]) / gap
-        lines.append(f"- KOFF recovers {100 * recovered:.0f}% of that gap "
-                     f"(KOFF {loss['koff'] - loss['dense']:+.3f} nats/token vs dense).")
+        how = "recovers" if recovered <= 1 else "more than closes"
+        lines.append(f"- KOFF {how} that gap ({100 * recovered:.0f}%; "
+                     f"KOFF {loss['koff'] - loss['dense']:+.3f} nats/token vs dense).")
     else:
         lines.append(f"- KOFF vs that baseline: {loss['koff'] - loss[baseline]:+.3f} nats/token; "
                      f"vs dense: {loss['koff'] - loss['dense']:+.3f}.")
