@@ -206,9 +206,10 @@ class KoffTrainer:
         rows = gather_rows(state.memory, slots)
         micro, micro_inv, _ = self._micro_batches(batch, inv)
         with_kl = kcfg.kl_weight > 0
+        frozen_masks = None if train_gates else self._final_masks(state.gates)  # a constant: no gate gradients
 
         def micro_loss(log_alphas, rows, mb, mb_inv, key):
-            z = gates_lib.sample_all(log_alphas, key) if train_gates else self._final_masks(log_alphas)
+            z = gates_lib.sample_all(log_alphas, key) if train_gates else frozen_masks
             ce, kl = self._loss_sums(decoder, gates_lib.scales(z), rows, mb_inv, mb, with_kl)
             return jnp.sum(ce) + kcfg.kl_weight * jnp.sum(kl), (ce, kl)
 
@@ -237,7 +238,7 @@ class KoffTrainer:
             target = jnp.float32(kcfg.target_sparsity)
             lag, gates, gate_opt, multipliers, lambda_opt = (
                 jnp.zeros(()), state.gates, state.gate_opt, state.multipliers, state.lambda_opt)
-            keep = self._final_masks(state.gates)
+            keep = frozen_masks
         new_rows, row_opt = rowsparse.update(g_rows, rowsparse.gather(state.memory_opt, slots), rows,
                                              lr=kcfg.memory_lr, b1=kcfg.adam_b1, b2=kcfg.adam_b2, eps=kcfg.adam_eps)
         new_state = state.replace(
