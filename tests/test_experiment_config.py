@@ -37,6 +37,8 @@ def test_override_parses_types_and_promotes_int_to_float():
     ("koff.target_sparsity=1.5", "target_sparsity=1.5 must be in [0, 1)"),
     ("train.variants=('prune_only',)", "must include 'koff'"),
     ("koff.lora_targets=('q', 'x')", "unknown lora_targets ['x']"),
+    ("koff.gate_fraction=0", "gate_fraction=0.0 must be in (0, 1]"),
+    ("eval.mc_tasks=('summary',)", "unknown tasks ['summary']"),
 ])
 def test_bad_override_is_refused_naming_the_key(override, message):
     with pytest.raises(ValueError, match=None) as error:

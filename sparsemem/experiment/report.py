@@ -38,20 +38,30 @@ MC_TITLES = {"continuation": "true continuation among 4",
                             "scored by log p(candidate | source) - log p(candidate)"}
 
 
+def mc_by_task(results: dict) -> tuple[dict, dict]:
+    """`(accuracy[task][setting], questions_per_domain[task])`, also for eval.json files from before
+    translation questions (one continuation task: `mc[setting]`, an int question count)."""
+    count = results.get("mc_questions_per_domain", {})
+    if isinstance(count, int):
+        return {"continuation": results["mc"]}, {"continuation": count}
+    return results["mc"], count
+
+
 def mc_table(results: dict, task: str) -> str:
     domains = results["domains"]
     rows = [[results["settings"][name]] + [values[d] for d in domains] + [values["mean"]]
-            for name, values in results["mc"][task].items()]
+            for name, values in mc_by_task(results)[0][task].items()]
     return _table(["setting"] + domains + ["mean"], rows)
 
 
 def mc_sections(results: dict) -> list[str]:
     """One heading and accuracy table per multiple-choice task."""
     out = []
-    for task in results["mc"]:
+    accuracy, count = mc_by_task(results)
+    for task in accuracy:
         title = MC_TITLES[task].format(source=results["domains"][0])
-        out += ["", f"## Multiple choice: {task} ({title}; {results['mc_questions_per_domain'][task]} questions per "
-                "domain; accuracy, chance 0.25)", "", mc_table(results, task)]
+        out += ["", f"## Multiple choice: {task} ({title}; {count[task]} questions per domain; accuracy, "
+                "chance 0.25)", "", mc_table(results, task)]
     return out
 
 
@@ -59,13 +69,14 @@ def comparison_table(runs: list[RunDir]) -> str:
     """One row per run: its target sparsity, geo-mean perplexity per setting, swap wins, MC accuracy, LAPE p."""
     evals = [run.read_json("eval.json") for run in runs]
     settings = list(dict.fromkeys(name for results in evals for name in results["perplexity"]))
-    tasks = list(dict.fromkeys(task for results in evals for task in results["mc"]))
+    accuracies = [mc_by_task(results)[0] for results in evals]
+    tasks = list(dict.fromkeys(task for accuracy in accuracies for task in accuracy))
     header = (["run", "sparsity"] + [evals[0]["settings"].get(n, n) for n in settings] + ["own memory best"]
               + [f"MC {task} (KOFF)" for task in tasks] + ["LAPE p (KOFF mask)"])
     rows = []
-    for run, results in zip(runs, evals):
+    for run, results, accuracy in zip(runs, evals, accuracies):
         analysis = run.read_json("analysis.json") or {"tests": {}}
-        mc = [results["mc"].get(task, {}).get("koff", {}).get("mean", float("nan")) for task in tasks]
+        mc = [accuracy.get(task, {}).get("koff", {}).get("mean", float("nan")) for task in tasks]
         rows.append([run.path.name, run.config().koff.target_sparsity]
                     + [results["perplexity"].get(n, {}).get("mean", float("nan")) for n in settings]
                     + [f"{results['swap']['diagonal_wins']}/{len(results['domains'])}"] + mc

@@ -130,7 +130,7 @@ class Lagrangian(nnx.Module):
     moves `s` by about `1/N`, and without `N` the multipliers (and `lambda_lr`) would
     have to grow with model size before the constraint could outweigh a unit's LM
     gradient (Gemma-3-270M: a neuron's d s/d log_alpha is ~2e-7 against a typical LM
-    gradient of ~1e-4). The multipliers ascend the unscaled gap (`lagrangian_gap_grads`).
+    gradient of ~1e-4). The multipliers ascend the unscaled gap (`multiplier_ascent_grads`).
     """
 
     def __init__(self):
