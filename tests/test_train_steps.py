@@ -117,6 +117,34 @@ def test_after_the_gate_steps_only_memory_trains_under_the_final_mask(decoder):
     assert float(metrics["target"]) == np.float32(KCFG.target_sparsity)
 
 
+def test_a_fixed_mask_trains_only_memory_under_exactly_that_mask(decoder):
+    rng = np.random.default_rng(3)
+    mask = {"head": (rng.random((CFG.num_layers, CFG.num_heads)) < 0.7).astype(np.float32),
+            "neuron": (rng.random((CFG.num_layers, CFG.d_ff)) < 0.7).astype(np.float32)}
+    trainer = KoffTrainer(decoder, KCFG, fixed_mask=mask)  # step 0 would be a gate step without the mask
+    state = trainer.init(DOMAIN_TOKENS)
+    before = host(state)
+    expected = trainer.evaluate(state, [BATCHES[2]])
+    state, metrics = trainer.train_step(state, BATCHES[2])
+    after = host(state)
+    assert trainer.step_kind(0) == "memory"
+    assert_trees_equal((before.gates, before.multipliers, before.gate_opt), (after.gates, after.multipliers,
+                                                                               after.gate_opt))
+    assert not np.allclose(before.memory["k"][3], after.memory["k"][3])
+    np.testing.assert_allclose(float(metrics["loss"]), expected["loss_memory"][3], rtol=1e-5)
+    jax.tree.map(np.testing.assert_array_equal, trainer.final_masks(state), mask)
+    complement = KoffTrainer(decoder, KCFG, fixed_mask={k: 1 - v for k, v in mask.items()})
+    fresh = trainer.init(DOMAIN_TOKENS)  # the same gates score differently under the two masks: the mask is used
+    assert not np.allclose(complement.evaluate(fresh, [BATCHES[2]])["loss_no_memory"][3],
+                           trainer.evaluate(fresh, [BATCHES[2]])["loss_no_memory"][3])
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        KoffTrainer(decoder, KCFG, fixed_mask={k: v * 0.5 for k, v in mask.items()})
+    with pytest.raises(ValueError, match=r"fixed_mask\['neuron'\] has shape"):
+        KoffTrainer(decoder, KCFG, fixed_mask={"head": mask["head"], "neuron": mask["neuron"][:, :5]})
+    with pytest.raises(ValueError, match="expected exactly"):
+        KoffTrainer(decoder, KCFG, fixed_mask={"head": mask["head"]})
+
+
 def assert_same_updates(init, a, b, rtol=1e-3):
     """Per array, |update_a - update_b| <= rtol * |update_a| (L2 norms).
 

@@ -7,16 +7,18 @@ import numpy as np
 
 from sparsemem.experiment.rundir import RunDir
 from sparsemem.koff import sparsity
-from sparsemem.koff.config import KoffConfig
-from sparsemem.models.config import ModelConfig
 from sparsemem.train.state import TrainState
+from sparsemem.train.trainer import KoffTrainer
 
 
-def export_variant(run: RunDir, variant: str, cfg: ModelConfig, kcfg: KoffConfig, state: TrainState,
+def export_variant(run: RunDir, variant: str, trainer: KoffTrainer, state: TrainState,
                    domains: list[str]) -> dict[str, np.ndarray]:
-    """Write `export/<variant>/{mask.npz, sparsity.json, memory/<domain>.npz}`; returns the 0/1 masks."""
-    masks = jax.device_get(sparsity.deterministic_masks(cfg, state.gates, kcfg.target_sparsity, kcfg.sparsity_over))
-    masks = {name: np.asarray(m) for name, m in masks.items()}
+    """Write `export/<variant>/{mask.npz, sparsity.json, memory/<domain>.npz}`; returns the 0/1 masks.
+
+    The mask is the one the trainer evaluates with (`KoffTrainer.final_masks`).
+    """
+    cfg, kcfg = trainer.cfg, trainer.kcfg
+    masks = trainer.final_masks(state)
     np.savez(run.file("export", variant, "mask.npz"), **masks)
     remaining = sparsity.remaining_params(cfg, masks)
     run.write_json(f"export/{variant}/sparsity.json", {

@@ -88,7 +88,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None) -> RunDir
         trainer = KoffTrainer(decoder, kcfg, mesh)
         with Timer(run, f"train_{variant}"):
             state = _train_variant(run, config, trainer, variant, corpus, tokenizer)
-        masks[variant] = export_variant(run, variant, decoder.cfg, kcfg, state, names)
+        masks[variant] = export_variant(run, variant, trainer, state, names)
         tables[variant] = state.memory
         lora_scales[variant] = kcfg.lora_alpha / max(kcfg.lora_rank, 1)
         trainers[variant] = trainer

@@ -10,7 +10,9 @@ One step (`train_step`):
 3. add the Lagrangian's gradients, step the gates (Adam), the multipliers
    (gradient ascent) and the gathered rows (row-sparse Adam), scatter the rows back.
 After `kcfg.gate_steps` the step is the *memory step*: the deterministic mask at the
-target replaces the gate sample, and gates and multipliers stay fixed.
+target replaces the gate sample, and gates and multipliers stay fixed. A trainer given a
+`fixed_mask` takes only memory steps, under that mask (baselines whose mask comes from
+elsewhere: another variant's, a random or a score-based one, or all ones).
 The backbone is an argument of the step, never donated, never differentiated.
 """
 
@@ -47,10 +49,28 @@ def _child(state: nnx.State) -> dict:
     return values[0] if values else {}  # a memory-free run (memory_slots=0, lora_rank=0) has no memory module
 
 
+def checked_mask(cfg, mask: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`mask` as float32 0/1 arrays `head [L, H]`, `neuron [L, F]`; a clear error for anything else."""
+    expected = {"head": (cfg.num_layers, cfg.num_heads), "neuron": (cfg.num_layers, cfg.d_ff)}
+    if set(mask) != set(expected):
+        raise ValueError(f"fixed_mask has arrays {sorted(mask)}; expected exactly {sorted(expected)} "
+                         "(0/1 masks of query heads [L, H] and MLP neurons [L, F])")
+    out = {}
+    for name, shape in expected.items():
+        value = np.asarray(mask[name], np.float32)
+        if value.shape != shape:
+            raise ValueError(f"fixed_mask[{name!r}] has shape {value.shape}; this model needs {shape}")
+        if not np.all((value == 0) | (value == 1)):
+            raise ValueError(f"fixed_mask[{name!r}] must hold only 0 and 1 (a deterministic mask)")
+        out[name] = value
+    return out
+
+
 class KoffTrainer:
     """Owns the frozen backbone on the mesh and the jitted KOFF steps."""
 
-    def __init__(self, decoder: Decoder, kcfg: KoffConfig, mesh: Mesh | None = None, rules=None):
+    def __init__(self, decoder: Decoder, kcfg: KoffConfig, mesh: Mesh | None = None, rules=None,
+                 fixed_mask: Mapping[str, np.ndarray] | None = None):
         self.cfg = decoder.cfg
         self.kcfg = kcfg
         self.mesh = mesh if mesh is not None else make_mesh({"data": 1}, devices=jax.devices()[:1])
@@ -81,6 +101,8 @@ class KoffTrainer:
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, self.state_shardings)
         self._init = jax.jit(self._fresh_state, out_shardings=self.state_shardings)
         self._compiled: dict[str, Any] = {}
+        self.fixed_mask = None if fixed_mask is None else jax.device_put(
+            checked_mask(self.cfg, fixed_mask), NamedSharding(self.mesh, PartitionSpec()))
 
     # -- state ------------------------------------------------------------
     def _fresh_state(self) -> TrainState:
@@ -195,8 +217,20 @@ class KoffTrainer:
         return jax.tree.map(split_, {k: batch[k] for k in BATCH_KEYS}), split_(inv), split_(batch["domain"])
 
     # -- train step -----------------------------------------------------------
-    def _final_masks(self, log_alphas):
-        return sparsity.deterministic_masks(self.cfg, log_alphas, self.kcfg.target_sparsity, self.kcfg.sparsity_over)
+    def _final_masks(self, log_alphas, target=None):
+        """The fixed mask if this trainer has one, else the deterministic top-k of `log_alphas` at `target`."""
+        if self.fixed_mask is not None:
+            return self.fixed_mask
+        target = self.kcfg.target_sparsity if target is None else target
+        return sparsity.deterministic_masks(self.cfg, log_alphas, target, self.kcfg.sparsity_over)
+
+    def final_masks(self, state: TrainState) -> dict[str, np.ndarray]:
+        """The 0/1 masks this trainer evaluates and exports `state` with (host arrays)."""
+        return {name: np.asarray(m) for name, m in jax.device_get(self._final_masks(state.gates)).items()}
+
+    def step_kind(self, step: int) -> str:
+        """`"train"` while the gates train, `"memory"` after `kcfg.gate_steps` or always with a fixed mask."""
+        return "memory" if self.fixed_mask is not None or step >= self.kcfg.gate_steps else "train"
 
     def _train_step(self, state: TrainState, backbone, batch, *, train_gates: bool = True):
         kcfg, D = self.kcfg, self.kcfg.num_domains
@@ -280,12 +314,12 @@ class KoffTrainer:
         return lag, gates, gate_opt, optax.apply_updates(state.multipliers, updates), lambda_opt
 
     def train_step(self, state: TrainState, batch: Mapping[str, Any]) -> tuple[TrainState, dict[str, jax.Array]]:
-        """One optimiser step (a gate step, or a memory step once `step >= kcfg.gate_steps`).
+        """One optimiser step (a gate step, or a memory step: see `step_kind`).
 
         `state` is donated (do not reuse it). Metrics are replicated arrays.
         """
         batch = self.place_batch(batch)
-        fn = self.step_function("train" if int(state.step) < self.kcfg.gate_steps else "memory", batch)
+        fn = self.step_function(self.step_kind(int(state.step)), batch)
         with jax.set_mesh(self.mesh), axis_rules(self.rules):
             return fn(state, self.backbone, batch)
 
@@ -293,7 +327,7 @@ class KoffTrainer:
     def _eval_step(self, state: TrainState, backbone, batch, target):
         D = self.kcfg.num_domains
         decoder = nnx.merge(self.decoder_def, backbone)
-        masks = sparsity.deterministic_masks(self.cfg, state.gates, target, self.kcfg.sparsity_over)
+        masks = self._final_masks(state.gates, target)
         scales = gates_lib.scales(masks)
         slots, inv = distinct_rows(batch["domain"], D)
         rows = gather_rows(state.memory, slots)
@@ -310,7 +344,10 @@ class KoffTrainer:
         }
 
     def eval_step(self, state: TrainState, batch: Mapping[str, Any], target: float | None = None) -> dict:
-        """Per-domain loss sums under the deterministic mask at `target` (default: the final target)."""
+        """Per-domain loss sums under the deterministic mask at `target` (default: the final target).
+
+        A trainer with a `fixed_mask` evaluates under that mask; `target` is then unused.
+        """
         batch = self.place_batch(batch)
         fn = self.step_function("eval", batch)
         target = self.kcfg.target_sparsity if target is None else target
