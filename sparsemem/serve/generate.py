@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -60,23 +61,28 @@ def _step(graphdef, state, tokens, segment_ids, cache: KVCache, inputs: dict, ke
     return _pick(model.logits(hidden[:, -1]), key, sampling), cache
 
 
-def generate_ids(model: Decoder | CompactDecoder, prompts: list[list[int]], sampling: SamplingConfig,
-                 hooks: Hooks | None = None, pad_id: int = 0, eos_id: int | None = None,
-                 memory: RowMemory | None = None) -> list[list[int]]:
-    """Continue each prompt (token ids) until EOS or `max_new_tokens`; returns the new ids per row (no EOS).
+def bucket_length(prompt_len: int, max_new_tokens: int, max_seq_len: int) -> int:
+    """The padded prompt length: a multiple of `PROMPT_BUCKET`, so prompts of similar length share compiled steps."""
+    return min(-(-prompt_len // PROMPT_BUCKET) * PROMPT_BUCKET, max_seq_len - max_new_tokens)
 
+
+def decode_steps(model: Decoder | CompactDecoder, prompts: list[list[int]], sampling: SamplingConfig,
+                 hooks: Hooks | None = None, pad_id: int = 0,
+                 memory: RowMemory | None = None) -> Iterator[np.ndarray]:
+    """Prefill the prompts, then yield the next token id of every row (`[B]`), one step per `next`.
+
+    Yields `max_new_tokens` times; a step runs only when the next value is asked for, so a
+    caller that stops early (every row done, or its clients gone) computes nothing more.
     `hooks` go with a `Decoder`, `memory` (one row per prompt) with a `CompactDecoder`.
     With M memory slots the prompt's positions start at M (text follows the memory).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and every prompt needs at least one token")
     prompt_len = max(len(p) for p in prompts)
-    total = prompt_len + sampling.max_new_tokens
-    if total > model.cfg.max_seq_len:
+    if prompt_len + sampling.max_new_tokens > model.cfg.max_seq_len:
         raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({sampling.max_new_tokens}) exceeds the "
                          f"model's context of {model.cfg.max_seq_len}; shorten the prompt or generate fewer tokens")
-    # Left-pad to a bucket so prompts of similar length share one compiled prefill and decode step.
-    prompt_len = min(-(-prompt_len // PROMPT_BUCKET) * PROMPT_BUCKET, model.cfg.max_seq_len - sampling.max_new_tokens)
+    prompt_len = bucket_length(prompt_len, sampling.max_new_tokens, model.cfg.max_seq_len)
     total = prompt_len + sampling.max_new_tokens
     batch = len(prompts)
     compact = isinstance(model, CompactDecoder)
@@ -103,24 +109,33 @@ def generate_ids(model: Decoder | CompactDecoder, prompts: list[list[int]], samp
     key, sub = jax.random.split(key)
     next_ids, cache = _step(graphdef, state, jnp.asarray(tokens), jnp.asarray(segments), cache, inputs, sub,
                             sampling)
-    out = np.zeros((batch, sampling.max_new_tokens), np.int32)
-    done = np.zeros(batch, bool)
     ones = jnp.ones((batch, 1), jnp.int32)
     for t in range(sampling.max_new_tokens):
         ids = np.asarray(next_ids)
-        out[:, t] = ids
-        if eos_id is not None:
-            done |= ids == eos_id
-        if done.all() or t == sampling.max_new_tokens - 1:
-            break
+        yield ids
+        if t == sampling.max_new_tokens - 1:
+            return
         key, sub = jax.random.split(key)
         next_ids, cache = _step(graphdef, state, jnp.asarray(ids)[:, None], ones, cache, inputs, sub, sampling)
-    results = []
-    for row in out:
-        ids = row.tolist()
-        if eos_id is not None and eos_id in ids:
-            ids = ids[: ids.index(eos_id)]
-        results.append(ids[: sampling.max_new_tokens])
+
+
+def generate_ids(model: Decoder | CompactDecoder, prompts: list[list[int]], sampling: SamplingConfig,
+                 hooks: Hooks | None = None, pad_id: int = 0, eos_id: int | None = None,
+                 memory: RowMemory | None = None) -> list[list[int]]:
+    """Continue each prompt (token ids) until EOS or `max_new_tokens`; returns the new ids per row (no EOS).
+
+    Arguments as in `decode_steps`.
+    """
+    results = [[] for _ in prompts]
+    done = np.zeros(len(prompts), bool)
+    for ids in decode_steps(model, prompts, sampling, hooks=hooks, pad_id=pad_id, memory=memory):
+        if eos_id is not None:
+            done |= ids == eos_id
+        for row, token in enumerate(ids.tolist()):
+            if not done[row]:
+                results[row].append(token)
+        if done.all():
+            break
     return results
 
 
