@@ -11,6 +11,7 @@ import sys
 COMMAND_MODULES = (
     "sparsemem.data.commands",
     "sparsemem.serve.commands",
+    "sparsemem.serve.serve_command",
     "sparsemem.experiment.commands",
     "sparsemem.scale.commands",
 )

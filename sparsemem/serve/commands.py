@@ -29,7 +29,7 @@ def _model_folder(model: str | None):
 def export_folder(run: str, variant: str) -> pathlib.Path:
     """The export folder given either itself or the run directory it was exported into."""
     path = pathlib.Path(run)
-    for candidate in (path, path / "export" / variant / "serve"):
+    for candidate in (path, path / variant / "serve", path / "export" / variant / "serve"):
         if (candidate / "backbone" / "config.json").exists():
             return candidate
     raise FileNotFoundError(f"no exported backbone in {path} or {path / 'export' / variant / 'serve'}; "
