@@ -16,7 +16,7 @@ import pytest
 from sparsemem.serve.export import export_run
 from sparsemem.serve.generate import SamplingConfig, generate_ids
 from sparsemem.serve.scheduler import Scheduler, ServedModel
-from sparsemem.serve.server import BackgroundServer, create_app
+from sparsemem.serve.server import BackgroundServer, create_app, wait_until_healthy
 from test_serve_compact import hard_masks, random_decoder, random_table, tiny
 from test_serve_export import _tiny_run
 
@@ -227,13 +227,7 @@ def test_cli_serve_drains_in_flight_requests_on_sigterm(export_dir, served):
 
     async def main():
         async with aiohttp.ClientSession() as session:
-            for _ in range(600):  # start-up: imports, loading, first compile happens on the first request
-                try:
-                    async with session.get(f"{url}/health") as health:
-                        if health.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.2)
+            await wait_until_healthy(session, url, timeout_s=300, process=process)
             text, signalled = "", False
             async with session.post(f"{url}/v1/completions", json=body) as response:
                 async for line in response.content:

@@ -310,6 +310,24 @@ class BackgroundServer:
         self.loop.close()
 
 
+async def wait_until_healthy(session, url: str, timeout_s: float = 600, process=None) -> None:
+    """Client side: poll `GET {url}/health` until it answers 200 (raises if `process` exits or time runs out)."""
+    import aiohttp  # noqa: PLC0415 - the client half of aiohttp, only for callers that start servers
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server process exited with status {process.returncode}")
+        try:
+            async with session.get(f"{url}/health") as response:
+                if response.status == 200:
+                    return
+        except aiohttp.ClientConnectionError:
+            pass
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"no healthy server on {url} after {timeout_s}s")
+
+
 def run(scheduler: Scheduler, *, host: str, port: int, context: int, drain_timeout_s: float = 60.0) -> None:
     """Serve until SIGINT/SIGTERM, then stop accepting, finish in-flight requests (up to `drain_timeout_s`), exit."""
     web.run_app(create_app(scheduler, context=context), host=host, port=port, shutdown_timeout=drain_timeout_s,
