@@ -126,9 +126,9 @@ async def run(args, servers: dict[str, tuple[Server, list[str]]]) -> dict:
         for server, _ in servers.values():
             await wait_until_healthy(session, server.url, process=server.process)
     levels = [int(c) for c in args.concurrency.split(",")]
-    for clients in levels:  # warm-up: compile every batch size and prompt bucket the measured rounds use
+    for clients in levels:  # warm-up, the same rounds: compile the batch sizes and domain mixes they will meet
         for server, models in servers.values():
-            await load_round(server.url, models, clients, 1, args.max_tokens)
+            await load_round(server.url, models, clients, args.requests, args.max_tokens)
     results = {}
     for clients in levels:
         for name, (server, models) in servers.items():
