@@ -27,12 +27,13 @@ def _model_folder(model: str | None):
 
 
 def export_folder(run: str, variant: str) -> pathlib.Path:
-    """The export folder given either itself or the run directory it was exported into."""
+    """The export folder given itself, its run directory, or the run's `export/` folder."""
     path = pathlib.Path(run)
     for candidate in (path, path / variant / "serve", path / "export" / variant / "serve"):
         if (candidate / "backbone" / "config.json").exists():
             return candidate
-    raise FileNotFoundError(f"no exported backbone in {path} or {path / 'export' / variant / 'serve'}; "
+    raise FileNotFoundError(f"no exported backbone in {path}, {path / variant / 'serve'} or "
+                            f"{path / 'export' / variant / 'serve'}; "
                             f"run `sparsemem export --run {run} --variant {variant}` first")
 
 
