@@ -47,8 +47,8 @@ def projection_shape(cfg: ModelConfig, name: str) -> tuple[int, int]:
 class LoRADelta:
     """Per-example low-rank delta on one projection: `x @ a @ b * scale`."""
 
-    a: jax.Array  # [B, L, in, r]
-    b: jax.Array  # [B, L, r, out]
+    a: jax.Array  # [B, L, in, r] in `Hooks`; [B, in, r] in `LayerHooks`
+    b: jax.Array  # [B, L, r, out] in `Hooks`; [B, r, out] in `LayerHooks`
     scale: float = struct.field(pytree_node=False, default=1.0)
 
 
@@ -69,19 +69,31 @@ class Hooks:
         if unknown:
             raise ValueError(f"Unknown LoRA projection(s) {sorted(unknown)}; choose from {PROJECTIONS}")
 
-    def per_layer(self) -> dict:
-        """The hook arrays with the layer axis first, ready for `lax.scan` over layers."""
-        out: dict = {}
-        if self.head_scale is not None:
-            out["head_scale"] = self.head_scale
-        if self.neuron_scale is not None:
-            out["neuron_scale"] = self.neuron_scale
-        if self.memory_k is not None:
-            out["memory_k"] = jax.numpy.moveaxis(self.memory_k, 1, 0)
-            out["memory_v"] = jax.numpy.moveaxis(self.memory_v, 1, 0)
-        for name, delta in self.lora.items():
-            out[f"lora_{name}"] = (jax.numpy.moveaxis(delta.a, 1, 0), jax.numpy.moveaxis(delta.b, 1, 0))
-        return out
+    @property
+    def memory_slots(self) -> int:
+        return self.memory_k.shape[2] if self.memory_k is not None else 0
 
-    def lora_scale(self, name: str) -> float:
-        return self.lora[name].scale
+    def per_layer(self) -> "LayerHooks":
+        """These hooks as `LayerHooks` stacked on a leading layer axis, ready for `lax.scan` over layers."""
+        def layer_first(x):
+            return None if x is None else jax.numpy.moveaxis(x, 1, 0)
+
+        return LayerHooks(head_scale=self.head_scale, neuron_scale=self.neuron_scale,
+                          memory_k=layer_first(self.memory_k), memory_v=layer_first(self.memory_v),
+                          lora={name: LoRADelta(layer_first(d.a), layer_first(d.b), d.scale)
+                                for name, d in self.lora.items()})
+
+
+@struct.dataclass
+class LayerHooks:
+    """The hooks of one layer, as a block applies them: `Hooks` without the layer axis.
+
+    `head_scale [H]`, `neuron_scale [F]`, `memory_k/v [B, M, Hkv, Dh]`, `lora[name]` with
+    `a [B, in, r]`, `b [B, r, out]`; all optional.
+    """
+
+    head_scale: jax.Array | None = None
+    neuron_scale: jax.Array | None = None
+    memory_k: jax.Array | None = None
+    memory_v: jax.Array | None = None
+    lora: Mapping[str, LoRADelta] = struct.field(default_factory=dict)

@@ -99,6 +99,11 @@ def advance_positions(next_position: jax.Array, positions: jax.Array, segment_id
     return jnp.maximum(next_position, last + 1)
 
 
+def activation(x: jax.Array, kind: str) -> jax.Array:
+    """The MLP gate activation `kind` of `ModelConfig.activation` (tanh-approximated GELU or SiLU)."""
+    return jax.nn.gelu(x, approximate=True) if kind == "gelu_tanh" else jax.nn.silu(x)
+
+
 def vocab_logits(hidden: jax.Array, unembed: jax.Array) -> jax.Array:
     """Full-vocabulary logits (float32) of `hidden [..., d]` through `unembed [V, d]`."""
     return jnp.einsum("...d,vd->...v", hidden, unembed.astype(hidden.dtype), preferred_element_type=jnp.float32)
