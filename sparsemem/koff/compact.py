@@ -4,7 +4,8 @@ Layers keep different numbers of units, so the result is one dict of arrays per
 layer. Query heads keep their order; `kv_of_head [H']` says which kept KV head
 each kept query head reads (grouped-query attention with ragged groups). A KV
 head is kept while any query head of its group is. Weights not owned by a unit
-(norms) are copied.
+(norms) are copied. Which axis of which weight holds a unit is read from the
+decoder's own declaration (`LAYER_AXES`).
 """
 
 from __future__ import annotations
@@ -14,11 +15,22 @@ import numpy as np
 
 from sparsemem.koff.gates import scales
 from sparsemem.models.config import ModelConfig
+from sparsemem.models.decoder import LAYER_AXES
 
-_HEAD_AXIS = {"wq": 1, "wo": 0, "bq": 0}
-_KV_AXIS = {"wk": 1, "wv": 1, "bk": 0, "bv": 0}
-_NEURON_AXIS = {"w_gate": 1, "w_up": 1, "w_down": 0}
-PRUNABLE = tuple(_HEAD_AXIS) + tuple(_KV_AXIS) + tuple(_NEURON_AXIS)
+UNITS = ("heads", "kv_heads", "mlp")  # the logical axes whose entries pruning removes
+# weight name -> (unit, axis of one layer's weight holding it), for every weight owned by units
+_UNIT_AXIS = {name: (unit, axes.index(unit) - 1) for name, axes in LAYER_AXES.items() for unit in UNITS
+              if unit in axes}
+PRUNABLE = tuple(_UNIT_AXIS)
+
+
+def kept_units(cfg: ModelConfig, masks: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean `head [L, H]` and `neuron [L, F]` keep masks from 0/1 gate masks (block masks folded in)."""
+    head_keep, neuron_keep = (np.asarray(m) > 0 for m in scales(masks))
+    if head_keep.shape != (cfg.num_layers, cfg.num_heads) or neuron_keep.shape != (cfg.num_layers, cfg.d_ff):
+        raise ValueError(f"masks of shape head {head_keep.shape}, neuron {neuron_keep.shape} do not fit the "
+                         f"model: expected {(cfg.num_layers, cfg.num_heads)} and {(cfg.num_layers, cfg.d_ff)}")
+    return head_keep, neuron_keep
 
 
 def compact(cfg: ModelConfig, weights: dict[str, jax.Array],
@@ -28,10 +40,7 @@ def compact(cfg: ModelConfig, weights: dict[str, jax.Array],
     `masks` are 0/1 gate masks (`head [L, H]`, `neuron [L, F]`, optional `attn`,
     `mlp [L]`) as from `sparsity.deterministic_masks`.
     """
-    head_keep, neuron_keep = (np.asarray(m) > 0 for m in scales(masks))
-    if head_keep.shape != (cfg.num_layers, cfg.num_heads) or neuron_keep.shape != (cfg.num_layers, cfg.d_ff):
-        raise ValueError(f"masks of shape head {head_keep.shape}, neuron {neuron_keep.shape} do not fit the "
-                         f"model: expected {(cfg.num_layers, cfg.num_heads)} and {(cfg.num_layers, cfg.d_ff)}")
+    head_keep, neuron_keep = kept_units(cfg, masks)
     weights = {name: np.asarray(w) for name, w in weights.items()}
     layers = []
     for layer in range(cfg.num_layers):
@@ -39,15 +48,13 @@ def compact(cfg: ModelConfig, weights: dict[str, jax.Array],
         groups = heads // cfg.group_size
         kv_heads = np.unique(groups)
         neurons = np.flatnonzero(neuron_keep[layer])
+        kept = {"heads": heads, "kv_heads": kv_heads, "mlp": neurons}
         out = {"kv_of_head": np.searchsorted(kv_heads, groups)}
         for name, w in weights.items():
             w = w[layer]
-            if name in _HEAD_AXIS:
-                w = np.take(w, heads, axis=_HEAD_AXIS[name])
-            elif name in _KV_AXIS:
-                w = np.take(w, kv_heads, axis=_KV_AXIS[name])
-            elif name in _NEURON_AXIS:
-                w = np.take(w, neurons, axis=_NEURON_AXIS[name])
+            if name in _UNIT_AXIS:
+                unit, axis = _UNIT_AXIS[name]
+                w = np.take(w, kept[unit], axis=axis)
             out[name] = w
         layers.append(out)
     return layers

@@ -12,7 +12,6 @@ documents apart, `positions` restart per document) and cached generation (pass a
 
 from __future__ import annotations
 
-import functools
 from typing import Literal
 
 import jax
@@ -59,32 +58,48 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, init: Literal["normal", "zeros", 
     return nnx.Param(value, logical_axes=axes)
 
 
+# Logical axes of every stacked layer weight: the one declaration that sharding and compaction read.
+LAYER_AXES: dict[str, tuple[str, ...]] = {
+    "attn_norm": ("layers", "norm"), "mlp_norm": ("layers", "norm"),
+    "attn_post_norm": ("layers", "norm"), "mlp_post_norm": ("layers", "norm"),
+    "wq": ("layers", "embed", "heads", "head_dim"), "wk": ("layers", "embed", "kv_heads", "head_dim"),
+    "wv": ("layers", "embed", "kv_heads", "head_dim"), "wo": ("layers", "heads", "head_dim", "embed"),
+    "bq": ("layers", "heads", "head_dim"), "bk": ("layers", "kv_heads", "head_dim"),
+    "bv": ("layers", "kv_heads", "head_dim"),
+    "q_norm": ("layers", "norm"), "k_norm": ("layers", "norm"),
+    "w_gate": ("layers", "embed", "mlp"), "w_up": ("layers", "embed", "mlp"), "w_down": ("layers", "mlp", "embed"),
+}
+
+
 class DecoderLayers(nnx.Module):
-    """All transformer blocks, weights stacked on a leading layer axis."""
+    """All transformer blocks, weights stacked on a leading layer axis (logical axes: `LAYER_AXES`)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
         L, d, f, h, hkv, dh = cfg.num_layers, cfg.d_model, cfg.d_ff, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         norm_init = "zeros" if cfg.norm_offset else "ones"
-        p = functools.partial(_param, rngs, dtype=param_dtype)
-        self.attn_norm = p((L, d), ("layers", "norm"), init=norm_init)
-        self.mlp_norm = p((L, d), ("layers", "norm"), init=norm_init)
+
+        def p(name, shape, init="normal"):
+            return _param(rngs, shape, LAYER_AXES[name], param_dtype, init)
+
+        self.attn_norm = p("attn_norm", (L, d), init=norm_init)
+        self.mlp_norm = p("mlp_norm", (L, d), init=norm_init)
         if cfg.post_norms:
-            self.attn_post_norm = p((L, d), ("layers", "norm"), init=norm_init)
-            self.mlp_post_norm = p((L, d), ("layers", "norm"), init=norm_init)
-        self.wq = p((L, d, h, dh), ("layers", "embed", "heads", "head_dim"))
-        self.wk = p((L, d, hkv, dh), ("layers", "embed", "kv_heads", "head_dim"))
-        self.wv = p((L, d, hkv, dh), ("layers", "embed", "kv_heads", "head_dim"))
-        self.wo = p((L, h, dh, d), ("layers", "heads", "head_dim", "embed"))
+            self.attn_post_norm = p("attn_post_norm", (L, d), init=norm_init)
+            self.mlp_post_norm = p("mlp_post_norm", (L, d), init=norm_init)
+        self.wq = p("wq", (L, d, h, dh))
+        self.wk = p("wk", (L, d, hkv, dh))
+        self.wv = p("wv", (L, d, hkv, dh))
+        self.wo = p("wo", (L, h, dh, d))
         if cfg.qkv_bias:
-            self.bq = p((L, h, dh), ("layers", "heads", "head_dim"), init="zeros")
-            self.bk = p((L, hkv, dh), ("layers", "kv_heads", "head_dim"), init="zeros")
-            self.bv = p((L, hkv, dh), ("layers", "kv_heads", "head_dim"), init="zeros")
+            self.bq = p("bq", (L, h, dh), init="zeros")
+            self.bk = p("bk", (L, hkv, dh), init="zeros")
+            self.bv = p("bv", (L, hkv, dh), init="zeros")
         if cfg.qk_norm:
-            self.q_norm = p((L, dh), ("layers", "norm"), init=norm_init)
-            self.k_norm = p((L, dh), ("layers", "norm"), init=norm_init)
-        self.w_gate = p((L, d, f), ("layers", "embed", "mlp"))
-        self.w_up = p((L, d, f), ("layers", "embed", "mlp"))
-        self.w_down = p((L, f, d), ("layers", "mlp", "embed"))
+            self.q_norm = p("q_norm", (L, dh), init=norm_init)
+            self.k_norm = p("k_norm", (L, dh), init=norm_init)
+        self.w_gate = p("w_gate", (L, d, f))
+        self.w_up = p("w_up", (L, d, f))
+        self.w_down = p("w_down", (L, f, d))
 
     def weights(self) -> dict[str, jax.Array]:
         """The stacked weight arrays by name (what the layer scan consumes)."""

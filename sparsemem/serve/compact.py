@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsemem.koff import compact as koff_compact
-from sparsemem.koff.gates import scales
 from sparsemem.models.config import ModelConfig
 from sparsemem.models.decoder import Decoder
 from sparsemem.serve.compact_model import CompactBlock, CompactDecoder
@@ -33,10 +32,7 @@ class CompactLayout:
     @classmethod
     def from_masks(cls, cfg: ModelConfig, masks: dict) -> "CompactLayout":
         """From 0/1 gate masks (`head [L, H]`, `neuron [L, F]`, optional block masks `attn`, `mlp [L]`)."""
-        head_keep, neuron_keep = (np.asarray(m) > 0 for m in scales(masks))
-        if head_keep.shape != (cfg.num_layers, cfg.num_heads) or neuron_keep.shape != (cfg.num_layers, cfg.d_ff):
-            raise ValueError(f"masks of shape head {head_keep.shape}, neuron {neuron_keep.shape} do not fit the "
-                             f"model: expected {(cfg.num_layers, cfg.num_heads)} and {(cfg.num_layers, cfg.d_ff)}")
+        head_keep, neuron_keep = koff_compact.kept_units(cfg, masks)
         heads = tuple(tuple(int(h) for h in np.flatnonzero(row)) for row in head_keep)
         kv = tuple(tuple(sorted({h // cfg.group_size for h in row})) for row in heads)
         neurons = tuple(tuple(int(n) for n in np.flatnonzero(row)) for row in neuron_keep)
@@ -97,7 +93,7 @@ def round_masks(cfg: ModelConfig, masks: dict, scores: dict, multiple: int) -> d
     """
     if multiple < 1:
         raise ValueError(f"round_to must be >= 1, got {multiple}")
-    head_keep, neuron_keep = (np.asarray(m) > 0 for m in scales(masks))
+    head_keep, neuron_keep = koff_compact.kept_units(cfg, masks)
     head_multiple = multiple // math.gcd(multiple, cfg.head_dim)
     head = np.stack([_round_up(k, np.asarray(s), head_multiple) for k, s in zip(head_keep, scores["head"])])
     neuron = np.stack([_round_up(k, np.asarray(s), multiple) for k, s in zip(neuron_keep, scores["neuron"])])
