@@ -90,7 +90,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None) -> RunDir
             state = _train_variant(run, config, trainer, variant, corpus, tokenizer)
         masks[variant] = export_variant(run, variant, trainer, state, names)
         tables[variant] = state.memory
-        lora_scales[variant] = kcfg.lora_alpha / max(kcfg.lora_rank, 1)
+        lora_scales[variant] = kcfg.lora_scale
         trainers[variant] = trainer
 
     if run.read_json("eval.json") is None:

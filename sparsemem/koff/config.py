@@ -88,8 +88,18 @@ class KoffConfig:
         return max(1, int(round(self.gate_fraction * self.total_steps)))
 
     @property
+    def lora_scale(self) -> float:
+        """Multiplier of every LoRA delta of this run (see `lora_scale`)."""
+        return lora_scale(self.lora_alpha, self.lora_rank)
+
+    @property
     def has_memory(self) -> bool:
         return self.memory_slots > 0 or self.lora_rank > 0
 
     def replace(self, **changes: Any) -> "KoffConfig":
         return dataclasses.replace(self, **changes)
+
+
+def lora_scale(alpha: float, rank: int) -> float:
+    """Multiplier of every LoRA delta `x @ a @ b`: `alpha / rank` (1 when there is no adapter, rank 0)."""
+    return alpha / rank if rank else 1.0

@@ -37,13 +37,12 @@ class MemoryTable(nnx.Module):
 
     Keys/values start random (`init_std`); use `prefill_kv` to set them from the
     frozen model's own cache. LoRA `a` is N(0, 1/in), `b` is zero, so a fresh
-    adapter is a no-op; its delta is scaled by `alpha / r`.
+    adapter is a no-op; its delta is scaled by `KoffConfig.lora_scale` (`alpha / r`).
     """
 
-    def __init__(self, cfg: ModelConfig, num_domains: int, *, slots: int, lora_rank: int, lora_alpha: float,
+    def __init__(self, cfg: ModelConfig, num_domains: int, *, slots: int, lora_rank: int,
                  lora_targets: tuple[str, ...], init_std: float, rngs: nnx.Rngs):
         D, L = num_domains, cfg.num_layers
-        self.lora_scale = lora_alpha / lora_rank if lora_rank else 1.0
         self.lora_targets = tuple(lora_targets)
         if slots:
             shape = (D, L, slots, cfg.num_kv_heads, cfg.head_dim)

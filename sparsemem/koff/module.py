@@ -22,8 +22,7 @@ class Koff(nnx.Module):
     def __init__(self, cfg: ModelConfig, kcfg: KoffConfig, *, rngs: nnx.Rngs):
         self.gates = Gates(cfg, block_gates=kcfg.block_gates, init_keep_prob=kcfg.init_keep_prob)
         self.memory = MemoryTable(cfg, kcfg.num_domains, slots=kcfg.memory_slots, lora_rank=kcfg.lora_rank,
-                                  lora_alpha=kcfg.lora_alpha, lora_targets=kcfg.lora_targets,
-                                  init_std=kcfg.memory_init_std, rngs=rngs)
+                                  lora_targets=kcfg.lora_targets, init_std=kcfg.memory_init_std, rngs=rngs)
         self.lagrangian = Lagrangian()
 
 

@@ -102,6 +102,7 @@ def export_run(run_dir: str | pathlib.Path, variant: str = "koff", out: str | pa
     from sparsemem.experiment.export import load_mask  # noqa: PLC0415
     from sparsemem.experiment.rundir import RunDir  # noqa: PLC0415
     from sparsemem.experiment.setup import load_model  # noqa: PLC0415
+    from sparsemem.koff import config as koff_config  # noqa: PLC0415
 
     run = RunDir(run_dir)
     config = run.config()
@@ -118,7 +119,7 @@ def export_run(run_dir: str | pathlib.Path, variant: str = "koff", out: str | pa
 
         folder = demo_model_dir()
     scores = _gate_scores(run.path / "checkpoints" / variant) if round_to else None
-    lora_scale = config.koff.lora_alpha / max(config.koff.lora_rank, 1)
+    lora_scale = koff_config.lora_scale(config.koff.lora_alpha, config.koff.lora_rank)
     tokenizer = folder / "tokenizer.json"
     return export(decoder, masks, table, domains, lora_scale, out or run.path / "export" / variant / "serve",
                   scores=scores, round_to=round_to, merge_domain=merge_domain,

@@ -197,7 +197,7 @@ class KoffTrainer:
         dtype = jnp.dtype(self.kcfg.compute_dtype)
         memory = Hooks()
         if rows:
-            memory = hooks_from_rows(rows, inv, self.kcfg.lora_alpha / max(self.kcfg.lora_rank, 1), dtype)
+            memory = hooks_from_rows(rows, inv, self.kcfg.lora_scale, dtype)
         hooks = Hooks(head_scale=head, neuron_scale=neuron, memory_k=memory.memory_k, memory_v=memory.memory_v,
                       lora=memory.lora)
         kwargs = dict(positions=mb["positions"], segment_ids=mb["segment_ids"])
