@@ -1,12 +1,14 @@
-"""`sparsemem data prepare|stats`: build corpora into the TFDS data dir and print their sizes."""
+"""`sparsemem data prepare|stats`: build corpora into the TFDS data dir and print their sizes.
+
+The corpus modules (TFDS) are imported by the commands, not here, so `sparsemem --help` stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
 import time
 
-from sparsemem.data import libreoffice_help, sources, splits, stats, text_folder
-from sparsemem.tokenizer import Tokenizer
+from sparsemem.data import splits
 
 DEMO_LANGUAGES = "en-US,de,ja,ru"
 
@@ -27,6 +29,8 @@ def _languages(args) -> list[str]:
 
 
 def prepare(args) -> int:
+    from sparsemem.data import libreoffice_help, text_folder  # noqa: PLC0415 (TFDS)
+
     if args.folder:
         start = time.perf_counter()
         folder_builder = text_folder.prepare(args.folder, args.data_dir)
@@ -43,6 +47,9 @@ def prepare(args) -> int:
 
 
 def show_stats(args) -> int:
+    from sparsemem.data import sources, stats  # noqa: PLC0415 (TFDS)
+    from sparsemem.tokenizer import Tokenizer  # noqa: PLC0415
+
     tokenizer = Tokenizer(args.tokenizer, bos_id=None, eos_id=0, pad_id=0) if args.tokenizer else None
     rows = []
     for split in splits.SPLITS:

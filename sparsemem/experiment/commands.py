@@ -1,11 +1,9 @@
-"""`sparsemem run`, `sparsemem analyze` and `sparsemem compare`."""
+"""`sparsemem run`, `sparsemem analyze` and `sparsemem compare` (each imports the stack it needs when it runs)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-
-from sparsemem.experiment.config import apply_overrides, load_config
 
 log = logging.getLogger(__name__)
 
@@ -17,6 +15,7 @@ def _quiet_libraries() -> None:
 def _run(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from sparsemem.experiment import run as run_lib  # noqa: PLC0415 (imports jax)
+    from sparsemem.experiment.config import apply_overrides, load_config  # noqa: PLC0415
 
     config = apply_overrides(load_config(args.config), args.set or [])
     try:

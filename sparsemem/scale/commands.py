@@ -1,4 +1,7 @@
-"""`sparsemem compile` (AOT fit check on a TPU topology) and `sparsemem distributed` (multi-process runs)."""
+"""`sparsemem compile` (AOT fit check on a TPU topology) and `sparsemem distributed` (multi-process runs).
+
+The command imports jax and the experiment stack when it runs, so `sparsemem --help` stays fast.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +9,13 @@ import argparse
 import json
 import logging
 
-from sparsemem.experiment.config import apply_overrides, koff_config, load_config
-
 log = logging.getLogger(__name__)
-
-MESH_AXES = ("data", "fsdp", "model")
 
 
 def _mesh(config, text: str | None) -> dict[str, int]:
     """The run's mesh axes (`mesh.*` of the config), then `--mesh data=4,fsdp=4` on top."""
+    from sparsemem.parallel.mesh import MESH_AXES  # noqa: PLC0415
+
     shape = {axis: int(config.mesh[axis]) for axis in MESH_AXES if axis in config.mesh}
     for item in filter(None, (text or "").split(",")):
         axis, _, size = item.partition("=")
@@ -51,6 +52,7 @@ def _compile(args: argparse.Namespace) -> int:
     import jax  # noqa: PLC0415
 
     jax.config.update("jax_platforms", "cpu")  # the topology's devices are compile-only; no accelerator needed
+    from sparsemem.experiment.config import apply_overrides, koff_config, load_config  # noqa: PLC0415
     from sparsemem.scale import aot, topology  # noqa: PLC0415
 
     config = apply_overrides(load_config(args.config), args.set or [])

@@ -1,8 +1,10 @@
 """Serving commands: `sparsemem generate` and `sparsemem export` (see `sparsemem.serve.export`).
 
-`generate` continues prompts with a model folder (default: the embedded Gemma-3-270M)
-or, with `--run`, with the compacted backbone and memory modules written by
-`sparsemem export`; `--domain` picks each prompt's memory module.
+`export` compacts a trained run's backbone and writes its memory modules. `generate`
+continues prompts with a model folder (default: the embedded Gemma-3-270M) or, with
+`--run`, with the compacted backbone and memory modules written by `sparsemem export`;
+`--domain` picks each prompt's memory module. The commands import jax and the model
+code when they run, so `sparsemem --help` stays fast.
 """
 
 from __future__ import annotations
@@ -11,9 +13,6 @@ import argparse
 import logging
 import pathlib
 import time
-
-from sparsemem.checkpoints.hf import load_hf_checkpoint, load_tokenizer
-from sparsemem.serve.generate import SamplingConfig, generate_text
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +58,9 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from sparsemem.checkpoints.hf import load_hf_checkpoint, load_tokenizer  # noqa: PLC0415
+    from sparsemem.serve.generate import SamplingConfig, generate_text  # noqa: PLC0415
+
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               seed=args.seed)
     start = time.perf_counter()
@@ -87,10 +89,24 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    from sparsemem.serve import export  # noqa: PLC0415
+def export(args: argparse.Namespace) -> int:
+    from sparsemem.serve.export import export_run  # noqa: PLC0415
 
-    export.register(subparsers)
+    print(export_run(args.run, args.variant, args.out, round_to=args.round_to, merge_domain=args.merge_domain))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("export", help="compact a trained run's backbone and export its memory modules",
+                                   description="Export a trained run: compacted backbone + one memory module per "
+                                               "domain (see docs/serving.md).")
+    parser.add_argument("--run", required=True, help="run directory written by `sparsemem run`")
+    parser.add_argument("--variant", default="koff", help="trained variant to export (default: koff)")
+    parser.add_argument("--out", help="output folder (default: <run>/export/<variant>/serve)")
+    parser.add_argument("--round-to", type=int, default=None,
+                        help="round kept widths up to a multiple (e.g. 128) by keeping the next-best units")
+    parser.add_argument("--merge-domain", help="merge this domain's LoRA into the backbone (single-domain serving)")
+    parser.set_defaults(func=export)
     parser = subparsers.add_parser("generate", help="continue text prompts with a model or an exported run",
                                    description=__doc__)
     parser.add_argument("--prompt", action="append", required=True,

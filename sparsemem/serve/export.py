@@ -8,7 +8,6 @@ and, for width rounding, the gate scores of the latest checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import pathlib
 from typing import Mapping, Sequence
@@ -125,20 +124,3 @@ def export_run(run_dir: str | pathlib.Path, variant: str = "koff", out: str | pa
                   scores=scores, round_to=round_to, merge_domain=merge_domain,
                   tokenizer_file=tokenizer if tokenizer.exists() else None)
 
-
-def export_command(args: argparse.Namespace) -> int:
-    out = export_run(args.run, args.variant, args.out, round_to=args.round_to, merge_domain=args.merge_domain)
-    print(out)
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("export", help="compact a trained run's backbone and export its memory modules",
-                                   description=__doc__)
-    parser.add_argument("--run", required=True, help="run directory written by `sparsemem run`")
-    parser.add_argument("--variant", default="koff", help="trained variant to export (default: koff)")
-    parser.add_argument("--out", help="output folder (default: <run>/export/<variant>/serve)")
-    parser.add_argument("--round-to", type=int, default=None,
-                        help="round kept widths up to a multiple (e.g. 128) by keeping the next-best units")
-    parser.add_argument("--merge-domain", help="merge this domain's LoRA into the backbone (single-domain serving)")
-    parser.set_defaults(func=export_command)
