@@ -9,6 +9,8 @@ import time
 
 import tensorboardX
 
+from sparsemem.files import DamagedFileError
+
 log = logging.getLogger(__name__)
 
 
@@ -17,6 +19,7 @@ class MetricsLog:
 
     def __init__(self, run_path: pathlib.Path, variant: str, domains: list[str], *, total_steps: int,
                  first_step: int, log_every: int):
+        drop_torn_line(run_path / "metrics.jsonl")
         self.file = open(run_path / "metrics.jsonl", "a")
         self.tb = tensorboardX.SummaryWriter(str(run_path / "tensorboard" / variant))
         self.variant, self.domains = variant, domains
@@ -51,14 +54,43 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def drop_torn_line(path: pathlib.Path) -> None:
+    """Cut a last line that a kill left unfinished (no newline), so the next line starts on its own.
+
+    The step it was logging had not been checkpointed yet, so the resumed run logs it again.
+    """
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        log.warning("%s: dropping an unfinished last line (%d bytes) left by an interrupted write", path,
+                    len(data) - keep)
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+
+
 def read_metrics(run_path: pathlib.Path) -> list[dict]:
-    """Metric lines of a run; a step logged twice (before and after a resume) keeps its last line."""
+    """Metric lines of a run; a step logged twice (before and after a resume) keeps its last line.
+
+    An unfinished last line (a kill during a write) is skipped; any other unreadable line is an
+    error naming the file and line.
+    """
     path = run_path / "metrics.jsonl"
     if not path.exists():
         return []
     rows = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
+    lines = path.read_text(errors="replace").split("\n")
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
             row = json.loads(line)
             rows[(row["variant"], row["step"])] = row
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            if number == len(lines):  # the text after the last newline: a torn write
+                log.warning("%s: skipping an unfinished last line", path)
+                continue
+            raise DamagedFileError(f"{path}:{number}", f"not a metrics line: {error!r}",
+                                   "restore the file, or delete the line (the report then lacks that step)") from None
     return sorted(rows.values(), key=lambda r: (r["variant"], r["step"]))
