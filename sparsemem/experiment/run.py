@@ -12,6 +12,7 @@ import logging
 import os
 import time
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -77,12 +78,13 @@ def _train_variant(run: RunDir, config, trainer: KoffTrainer, variant: str, corp
 
 def run(config: ml_collections.ConfigDict, workdir: str | None = None) -> RunDir:
     """Run (or resume) the experiment `config` in `workdir` (default `runs/<name>`)."""
-    run = RunDir.check(workdir or default_workdir(config), config)  # before setup, which can take minutes
     start = time.perf_counter()
     mesh = setup.mesh_for(config)  # setup errors leave the work directory untouched
+    primary = jax.process_index() == 0  # the process that holds the run directory's lock
+    run = RunDir.check(workdir or default_workdir(config), config, primary=primary)  # before the slow setup
     corpus = setup.load_corpus(config)
     decoder, tokenizer = setup.load_model(config, mesh)
-    with run.open(config):
+    with run.open(config, primary=primary):
         log.info("run directory %s", run.path)
         run.record_time("setup", time.perf_counter() - start)
         return _run_phases(run, config, mesh, decoder, tokenizer, corpus)

@@ -52,18 +52,20 @@ class RunDir:
         self._lock_fd: int | None = None
 
     @classmethod
-    def check(cls, path: str | os.PathLike, config: ml_collections.ConfigDict) -> "RunDir":
+    def check(cls, path: str | os.PathLike, config: ml_collections.ConfigDict, *,
+              primary: bool = True) -> "RunDir":
         """The run directory at `path` if `config` may run there; writes nothing.
 
         Refuses a file, a non-empty folder that is not a run directory, a run directory
-        holding another config, and one that another `sparsemem run` holds.
+        holding another config, and (for the `primary` process, the one that holds the
+        lock) one that another `sparsemem run` holds.
         """
         run = cls(path)
         if run.path.exists() and not run.path.is_dir():
             raise RunDirError(f"--workdir {run.path} is a file; pass a folder (new or a run directory)")
         if run.is_run():
             run._check_config(config)
-            holder = run._holder()
+            holder = run._holder() if primary else None
             if holder is not None:
                 raise RunDirError(f"{run.path} is in use by another `sparsemem run` (pid {holder}); wait for it to "
                                   "finish or stop it, or pass another --workdir")
@@ -81,10 +83,16 @@ class RunDir:
             return run
 
     @contextlib.contextmanager
-    def open(self, config: ml_collections.ConfigDict) -> Iterator["RunDir"]:
-        """Within the block the folder is this process's run directory: marker, lock, `config.json`."""
-        self.check(self.path, config)
+    def open(self, config: ml_collections.ConfigDict, *, primary: bool = True) -> Iterator["RunDir"]:
+        """Within the block the folder is this run's directory: marker, lock, `config.json`.
+
+        Only the `primary` process (process 0 of a multi-host run) writes these and holds the lock.
+        """
+        self.check(self.path, config, primary=primary)
         self.path.mkdir(parents=True, exist_ok=True)
+        if not primary:
+            yield self
+            return
         if not (self.path / MARKER).exists():
             files.atomic_write(self.path / MARKER, lambda tmp: tmp.write_text("sparsemem run directory\n"))
         with self.locked():
