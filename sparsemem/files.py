@@ -9,6 +9,14 @@ import tempfile
 from typing import Any, Callable
 
 
+def require_local(path: str | os.PathLike, what: str, fix: str) -> pathlib.Path:
+    """`path` as a local path; a URL (`gs://...`) is refused instead of becoming a local folder named `gs:`."""
+    text = os.fspath(path)
+    if "://" in text:
+        raise ValueError(f"{what} {text} is a URL, which is not supported here; {fix}")
+    return pathlib.Path(text)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -24,7 +24,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from sparsemem.files import DamagedFileError, atomic_write, read_json
+from sparsemem.files import DamagedFileError, atomic_write, read_json, require_local
 from sparsemem.models.config import ModelConfig, from_hf_config, to_hf_config
 from sparsemem.models.decoder import Decoder, Remat
 from sparsemem.parallel.rules import Rules, named_sharding
@@ -184,7 +184,8 @@ def _flat_params(state: nnx.State) -> Iterator[tuple[str, nnx.Variable]]:
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:
-    config_file = pathlib.Path(path) / "config.json"
+    path = require_local(path, "model folder", "copy it to local disk first (launch/stage.sh does so on every worker)")
+    config_file = path / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file} not found; a model folder needs config.json and *.safetensors")
     hf = read_json(config_file, "re-download the model's config.json")

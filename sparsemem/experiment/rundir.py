@@ -48,7 +48,8 @@ class RunDirError(ValueError):
 
 class RunDir:
     def __init__(self, path: str | os.PathLike):
-        self.path = pathlib.Path(path)
+        self.path = files.require_local(path, "run directory", "mount the bucket with GCS FUSE (e.g. `gcsfuse BUCKET "
+                                        "/mnt/gcs`) and pass the mounted folder, e.g. /mnt/gcs/runs/<name>")
         self._lock_fd: int | None = None
 
     @classmethod
