@@ -15,6 +15,7 @@ import time
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from sparsemem.analysis import lape
 from sparsemem.checkpoints.run_state import RunCheckpointer
@@ -84,10 +85,18 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None) -> RunDir
     run = RunDir.check(workdir or default_workdir(config), config, primary=primary)  # before the slow setup
     corpus = setup.load_corpus(config)
     decoder, tokenizer = setup.load_model(config, mesh)
-    with run.open(config, primary=primary):
+    with run.open(config, primary=primary, barrier=_barrier("sparsemem run directory")):
         log.info("run directory %s", run.path)
-        run.record_time("setup", time.perf_counter() - start)
+        if primary:
+            run.record_time("setup", time.perf_counter() - start)
         return _run_phases(run, config, mesh, decoder, tokenizer, corpus)
+
+
+def _barrier(name: str):
+    """Every process waits here until all have arrived (nothing to wait for with one process)."""
+    if jax.process_count() == 1:
+        return lambda: None
+    return lambda: multihost_utils.sync_global_devices(name)
 
 
 def _run_phases(run: RunDir, config, mesh, decoder, tokenizer, corpus: setup.Corpus) -> RunDir:

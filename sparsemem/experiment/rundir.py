@@ -27,7 +27,7 @@ import logging
 import os
 import pathlib
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import ml_collections
 
@@ -84,22 +84,28 @@ class RunDir:
             return run
 
     @contextlib.contextmanager
-    def open(self, config: ml_collections.ConfigDict, *, primary: bool = True) -> Iterator["RunDir"]:
+    def open(self, config: ml_collections.ConfigDict, *, primary: bool = True,
+             barrier: Callable[[], None] = lambda: None) -> Iterator["RunDir"]:
         """Within the block the folder is this run's directory: marker, lock, `config.json`.
 
-        Only the `primary` process (process 0 of a multi-host run) writes these and holds the lock.
+        Only the `primary` process (process 0 of a multi-host run) writes these and holds the
+        lock; every process then calls `barrier()`, so the others enter the block only once
+        the folder is a run directory.
         """
-        self.check(self.path, config, primary=primary)
-        self.path.mkdir(parents=True, exist_ok=True)
         if not primary:
+            barrier()
+            self.check(self.path, config, primary=False)
             yield self
             return
+        self.check(self.path, config)
+        self.path.mkdir(parents=True, exist_ok=True)
         if not (self.path / MARKER).exists():
             files.atomic_write(self.path / MARKER, lambda tmp: tmp.write_text("sparsemem run directory\n"))
         with self.locked():
             self._check_config(config)  # again, under the lock: another process may have started it meanwhile
             if not self.config_file.exists():
                 self.write_json("config.json", _resolved(config))
+            barrier()
             yield self
 
     @contextlib.contextmanager
