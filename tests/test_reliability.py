@@ -19,7 +19,7 @@ from sparsemem.checkpoints.hf import load_hf_checkpoint, read_config
 from sparsemem.checkpoints.run_state import RunCheckpointer
 from sparsemem.data import text_folder
 from sparsemem.experiment.config import load_config
-from sparsemem.experiment.metrics import drop_torn_line, read_metrics
+from sparsemem.experiment.metrics import MetricsLog, drop_torn_line, read_metrics
 from sparsemem.experiment.rundir import MARKER, RunDir
 from sparsemem.models.config import preset, to_hf_config
 
@@ -199,3 +199,21 @@ def test_url_run_and_model_folders_are_refused_instead_of_becoming_local_gs_fold
                           "--set", "model.source='hf'", "--set", "model.path='gs://bucket/models/x'")
     assert status == 1 and "model folder gs://bucket/models/x is a URL" in err
     assert list(tmp_path.iterdir()) == []  # no local "gs:" folder, no run directory
+
+
+def test_only_process_0_writes_and_the_others_wait_for_its_run_directory(tmp_path, monkeypatch):
+    config = load_config(CI)
+    order = []
+    with RunDir(tmp_path / "run").open(config, primary=True, barrier=lambda: order.append("barrier")) as run:
+        assert order == ["barrier"] and (run.path / MARKER).exists() and (run.path / "config.json").exists()
+        other = RunDir(run.path)
+        with other.open(config, primary=False, barrier=lambda: order.append("other waits")):
+            other.write_json("eval.json", {"x": 1})
+            other.record_time("setup", 1.0)
+            monkeypatch.setattr(jax, "process_index", lambda: 1)
+            metrics = MetricsLog(run.path, "koff", ["en-US", "de"], total_steps=2, first_step=0, log_every=1)
+            metrics(1, {"loss": 1.0, "expected_sparsity": 0.1, "target": 0.1, "tokens_per_s": 1.0,
+                        "loss_by_domain": {0: 1.0}})
+            metrics.close()
+        assert order == ["barrier", "other waits"]
+    assert sorted(p.name for p in run.path.iterdir()) == [".lock", MARKER, "config.json"]

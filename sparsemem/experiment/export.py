@@ -5,8 +5,8 @@ from __future__ import annotations
 import pathlib
 import zipfile
 
-import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from sparsemem.experiment.rundir import RunDir
 from sparsemem.files import DamagedFileError, atomic_write
@@ -23,6 +23,9 @@ def export_variant(run: RunDir, variant: str, trainer: KoffTrainer, state: Train
     """
     cfg, kcfg = trainer.cfg, trainer.kcfg
     masks = trainer.final_masks(state)
+    memory = multihost_utils.process_allgather(state.memory, tiled=True)  # every process takes part
+    if not run.primary:
+        return masks
     _save_npz(run.file("export", variant, "mask.npz"), masks)
     remaining = sparsity.remaining_params(cfg, masks)
     run.write_json(f"export/{variant}/sparsity.json", {
@@ -35,7 +38,6 @@ def export_variant(run: RunDir, variant: str, trainer: KoffTrainer, state: Train
         "num_heads": cfg.num_heads,
         "d_ff": cfg.d_ff,
     })
-    memory = jax.device_get(state.memory)
     for d, name in enumerate(domains):
         if memory:
             _save_npz(run.file("export", variant, "memory", f"{name}.npz"), {k: v[d] for k, v in memory.items()})

@@ -7,6 +7,7 @@ import logging
 import pathlib
 import time
 
+import jax
 import tensorboardX
 
 from sparsemem.files import DamagedFileError
@@ -15,13 +16,18 @@ log = logging.getLogger(__name__)
 
 
 class MetricsLog:
-    """Appends per-step metrics of one variant to `metrics.jsonl` and `tensorboard/<variant>`."""
+    """Appends per-step metrics of one variant to `metrics.jsonl` and `tensorboard/<variant>`.
+
+    In a multi-host run only process 0 writes; every process logs its progress line.
+    """
 
     def __init__(self, run_path: pathlib.Path, variant: str, domains: list[str], *, total_steps: int,
                  first_step: int, log_every: int):
-        drop_torn_line(run_path / "metrics.jsonl")
-        self.file = open(run_path / "metrics.jsonl", "a")
-        self.tb = tensorboardX.SummaryWriter(str(run_path / "tensorboard" / variant))
+        self.file = self.tb = None
+        if jax.process_index() == 0:
+            drop_torn_line(run_path / "metrics.jsonl")
+            self.file = open(run_path / "metrics.jsonl", "a")
+            self.tb = tensorboardX.SummaryWriter(str(run_path / "tensorboard" / variant))
         self.variant, self.domains = variant, domains
         self.total, self.first, self.log_every = total_steps, first_step, log_every
         self.start = time.perf_counter()
@@ -29,13 +35,8 @@ class MetricsLog:
     def __call__(self, step: int, metrics: dict) -> None:
         by_domain = {self.domains[d]: loss for d, loss in metrics["loss_by_domain"].items()}
         metrics = {k: v for k, v in metrics.items() if k != "loss_by_domain"}
-        self.file.write(json.dumps({"variant": self.variant, "step": step, **metrics,
-                                    "loss_by_domain": by_domain}) + "\n")
-        self.file.flush()
-        for key, value in metrics.items():
-            self.tb.add_scalar(key, value, step)
-        for domain, value in by_domain.items():
-            self.tb.add_scalar(f"loss/{domain}", value, step)
+        if self.file is not None:
+            self._write(step, metrics, by_domain)
         if step % self.log_every == 0 or step == self.total:
             done = step - self.first
             eta = (time.perf_counter() - self.start) / max(done, 1) * (self.total - step)
@@ -43,9 +44,19 @@ class MetricsLog:
                      step, self.total, metrics["loss"], metrics["expected_sparsity"], metrics["target"],
                      metrics["tokens_per_s"], _duration(eta))
 
+    def _write(self, step: int, metrics: dict, by_domain: dict) -> None:
+        self.file.write(json.dumps({"variant": self.variant, "step": step, **metrics,
+                                    "loss_by_domain": by_domain}) + "\n")
+        self.file.flush()
+        for key, value in metrics.items():
+            self.tb.add_scalar(key, value, step)
+        for domain, value in by_domain.items():
+            self.tb.add_scalar(f"loss/{domain}", value, step)
+
     def close(self) -> None:
-        self.file.close()
-        self.tb.close()
+        if self.file is not None:
+            self.file.close()
+            self.tb.close()
 
 
 def _duration(seconds: float) -> str:

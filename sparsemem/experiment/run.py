@@ -121,8 +121,9 @@ def _run_phases(run: RunDir, config, mesh, decoder, tokenizer, corpus: setup.Cor
     if config.analysis.enabled and run.read_result("analysis.json") is None:
         with Timer(run, "analysis"):
             run.write_json("analysis.json", analyze(config, decoder, tokenizer, masks, corpus))
-    write_report(run)
-    log.info("report: %s", run.path / "report.md")
+    if run.primary:
+        write_report(run)
+        log.info("report: %s", run.path / "report.md")
     return run
 
 

@@ -50,7 +50,7 @@ class RunDir:
     def __init__(self, path: str | os.PathLike):
         self.path = files.require_local(path, "run directory", "mount the bucket with GCS FUSE (e.g. `gcsfuse BUCKET "
                                         "/mnt/gcs`) and pass the mounted folder, e.g. /mnt/gcs/runs/<name>")
-        self._lock_fd: int | None = None
+        self.primary = True  # False in processes other than 0 of a multi-host run: they write nothing
 
     @classmethod
     def check(cls, path: str | os.PathLike, config: ml_collections.ConfigDict, *,
@@ -92,6 +92,7 @@ class RunDir:
         lock; every process then calls `barrier()`, so the others enter the block only once
         the folder is a run directory.
         """
+        self.primary = primary
         if not primary:
             barrier()
             self.check(self.path, config, primary=False)
@@ -186,7 +187,8 @@ class RunDir:
         return path
 
     def write_json(self, name: str, value: Any) -> None:
-        files.write_json(self.file(name), value)
+        if self.primary:
+            files.write_json(self.file(name), value)
 
     def read_json(self, name: str) -> Any | None:
         """The JSON file `name`, None if missing; a damaged file raises an error naming it."""
@@ -201,6 +203,8 @@ class RunDir:
         try:
             return self.read_json(name)
         except files.DamagedFileError as error:
+            if not self.primary:
+                return None
             aside = files.set_aside(self.path / name, self.path / f"{name}.damaged")
             log.warning("%s is damaged (%s); moved it to %s and recomputing it", error.path, error.reason, aside)
             return None
