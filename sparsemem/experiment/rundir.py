@@ -68,8 +68,7 @@ class RunDir:
             run._check_config(config)
             holder = run._holder() if primary else None
             if holder is not None:
-                raise RunDirError(f"{run.path} is in use by another `sparsemem run` (pid {holder}); wait for it to "
-                                  "finish or stop it, or pass another --workdir")
+                raise run._in_use(holder)
         elif run.path.exists() and any(run.path.iterdir()):
             raise RunDirError(f"--workdir {run.path} is a non-empty folder that is not a sparsemem run directory "
                               f"(no {MARKER} or run config.json); nothing in it was touched. Pass a new or empty "
@@ -120,14 +119,17 @@ class RunDir:
             os.close(fd)
             if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise
-            raise RunDirError(f"{self.path} is in use by another `sparsemem run` (pid {holder}); wait for it to "
-                              "finish or stop it, or pass another --workdir") from None
+            raise self._in_use(holder) from None
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             yield self
         finally:
             os.close(fd)  # closing releases the flock; a killed process releases it too
+
+    def _in_use(self, holder: str) -> RunDirError:
+        return RunDirError(f"{self.path} is in use by another `sparsemem run` (pid {holder}); wait for it to finish "
+                           "or stop it, or pass another --workdir")
 
     def _holder(self) -> str | None:
         """The pid holding the lock, or None when it is free."""
