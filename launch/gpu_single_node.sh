@@ -11,5 +11,10 @@ jax_version=$(python3 -c 'import jax; print(jax.__version__)' 2>/dev/null || ech
 python3 -m pip install -q -e . "jax[cuda12]${jax_version:+==$jax_version}"
 gpus=$(python3 -c 'import jax; print(jax.device_count("gpu"))')
 echo "$gpus GPUs"
+status=0
 python3 -m sparsemem.cli run --config "$config" --workdir "${WORKDIR:-runs/$(basename "$config" .py)}" \
-  --set mesh.data="$gpus" --set mesh.fsdp=1 --set mesh.model=1 --set mesh.distributed=False "$@"
+  --set mesh.data="$gpus" --set mesh.fsdp=1 --set mesh.model=1 --set mesh.distributed=False "$@" || status=$?
+if [[ $status == 75 ]]; then
+  echo "preempted (SIGTERM) after saving a checkpoint: rerun this same command to resume"
+fi
+exit "$status"

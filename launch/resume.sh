@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Keep a run going through preemptions: every POLL seconds, if the slice is gone or PREEMPTED,
 # recreate it, reinstall, restage and restart the same run (it resumes from its last checkpoint
-# in $BUCKET/runs/<config name>). Stops when the run's report.md exists.
+# in $BUCKET/runs/<config name>); if the slice is up but the run exited 75 (stopped on SIGTERM,
+# e.g. a maintenance event), restart the run. Stops when the run's report.md exists, or with the
+# run's exit status when it failed with an error (that needs a fix, not a restart).
 #   launch/resume.sh MODEL_DIR CONFIG [--set KEY=VALUE ...]
 set -euo pipefail
 here=$(dirname "$0")
@@ -19,6 +21,15 @@ until gcloud storage ls "$report" > /dev/null 2>&1; do
     "$here/install.sh"
     "$here/stage.sh" "$model" ${DATA_DIR:-}
     "$here/run.sh" "$config" "$@"
+  else
+    status=$(WORKER=0 on_workers "cat ~/sparsemem-run.status 2>/dev/null" 2>/dev/null || true)
+    if [[ $status == 75 ]]; then
+      echo "$(date -u +%FT%TZ) the run was preempted (exit 75) on a live slice: restarting it"
+      "$here/run.sh" "$config" "$@"
+    elif [[ -n $status && $status != 0 ]]; then
+      echo "the run failed with exit status $status; see launch/logs.sh, fix it, then rerun this script"
+      exit "$status"
+    fi
   fi
   sleep "${POLL:-300}"
 done

@@ -1,4 +1,9 @@
-"""`sparsemem` command line: each subsystem registers its own subcommands."""
+"""`sparsemem` command line: each subsystem registers its own subcommands.
+
+Exit status: 0 done, 1 an error (one line naming the problem and the fix; `--debug` shows
+the traceback), 2 bad arguments, 75 preempted (SIGTERM; rerun the same command to resume),
+130 interrupted with Ctrl-C.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +20,15 @@ COMMAND_MODULES = (
     "sparsemem.experiment.commands",
     "sparsemem.scale.commands",
 )
+EXIT_ERROR, EXIT_PREEMPTED, EXIT_CTRL_C = 1, 75, 130  # 75 is EX_TEMPFAIL: "try again later"
+# What a user's input or files can cause (bad config, missing or damaged file, full disk, ...).
+USER_ERRORS = (ValueError, OSError)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparsemem", description=__doc__)
+    parser = argparse.ArgumentParser(prog="sparsemem", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
@@ -28,7 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    if args.debug:
+        return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C); rerun the same command to resume", file=sys.stderr)
+        return EXIT_CTRL_C
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -14,8 +14,7 @@ import json
 import os
 import pathlib
 import re
-import tempfile
-from typing import Callable, Iterator
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +24,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from sparsemem.files import DamagedFileError, atomic_write, read_json, require_local
 from sparsemem.models.config import ModelConfig, from_hf_config, to_hf_config
 from sparsemem.models.decoder import Decoder, Remat
 from sparsemem.parallel.rules import Rules, named_sharding
@@ -111,7 +111,7 @@ class SafetensorsFolder:
     def __init__(self, path: pathlib.Path):
         index = path / "model.safetensors.index.json"
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index, "re-download the model")["weight_map"]
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in path.glob("*.safetensors"))
@@ -123,7 +123,10 @@ class SafetensorsFolder:
         for name in files:
             if not (path / name).exists():
                 raise FileNotFoundError(f"{path / name} is listed in the index but missing; re-download the model")
-            handle = safe_open(str(path / name), framework="numpy")
+            try:
+                handle = safe_open(str(path / name), framework="numpy")
+            except Exception as error:  # safetensors raises its own error types, none naming the file
+                raise DamagedFileError(path / name, str(error), "re-download or re-export the model") from None
             self._handles[name] = handle
             for key in handle.keys():
                 self.location[key] = name
@@ -181,10 +184,15 @@ def _flat_params(state: nnx.State) -> Iterator[tuple[str, nnx.Variable]]:
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:
-    config_file = pathlib.Path(path) / "config.json"
+    path = require_local(path, "model folder", "copy it to local disk first (launch/stage.sh does so on every worker)")
+    config_file = path / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file} not found; a model folder needs config.json and *.safetensors")
-    return from_hf_config(json.loads(config_file.read_text()))
+    hf = read_json(config_file, "re-download the model's config.json")
+    if "sparsemem" in hf:
+        raise ValueError(f"{path} is a compacted sparsemem backbone (written by `sparsemem export`), not a Hugging "
+                         "Face model folder; serve it with `sparsemem generate --run <run or export folder>`")
+    return from_hf_config(hf)
 
 
 def load_hf_checkpoint(path: str | os.PathLike, *, mesh: Mesh | None = None, rules: Rules | None = None,
@@ -211,18 +219,6 @@ def load_hf_checkpoint(path: str | os.PathLike, *, mesh: Mesh | None = None, rul
         sharding = named_sharding(mesh, var.get_metadata()["logical_axes"], shape, rules) if mesh else device
         var.set_value(jax.make_array_from_callback(shape, sharding, lambda index, h=host: h[index]))
     return nnx.merge(graphdef, state)
-
-
-def atomic_write(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> None:
-    """Write via a temporary file in the same folder, then rename: readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(pathlib.Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def save_hf_checkpoint(model: Decoder, path: str | os.PathLike) -> None:

@@ -5,16 +5,27 @@ The train state is stored as a nested dict of arrays named by its pytree path
 container classes, and restoring onto another mesh only needs the new abstract
 state (`KoffTrainer.abstract_state`, shapes + shardings). Orbax writes each step to
 a temporary directory and renames it when complete, so a crash mid-save never
-leaves a partial step behind: the previous step stays the latest.
+leaves a partial step behind: the previous step stays the latest. A step damaged
+after it was written is moved aside by `restore_newest_readable`, which falls back to
+the next older step.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+
+from sparsemem.files import set_aside
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointLayoutError(ValueError):
+    """A checkpoint's arrays differ in names or shapes from the state being restored."""
 
 
 def _name(entry) -> str:
@@ -97,12 +108,33 @@ class RunCheckpointer:
         expected = _layout(target)
         if saved != expected:
             diff = sorted(set(map(str, saved.items())) ^ set(map(str, expected.items())))[:6]
-            raise ValueError(f"checkpoint step {step} in {self.directory} does not match this run's state "
-                             f"(different num_domains, memory_slots, lora_targets, block_gates or model?); "
-                             f"differing arrays: {diff}")
+            raise CheckpointLayoutError(
+                f"checkpoint step {step} in {self.directory} does not match this run's state (different "
+                f"num_domains, memory_slots, lora_targets, block_gates or model?); differing arrays: {diff}")
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
         return _unnest(restored["state"], abstract_state), dict(restored["data"] or {})
+
+    def restore_newest_readable(self, abstract_state: Any) -> tuple[Any, dict] | None:
+        """`restore` from the newest step that reads back (None if none does); unreadable steps are moved aside.
+
+        A step that orbax finished writing can still be damaged later (a full disk, a copy
+        cut short, a bad sector); the older steps it keeps (`max_to_keep`) are there for this.
+        A step of another run's layout is not damage: `CheckpointLayoutError` still stops.
+        """
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                return self.restore(abstract_state, step)
+            except CheckpointLayoutError:
+                raise
+            except Exception as error:  # orbax/tensorstore raise many types for unreadable files
+                aside = set_aside(self.directory / str(step),
+                                  self.directory.parent / f"{self.directory.name}.damaged-step-{step}")
+                self.manager.reload()
+                log.warning("checkpoint step %d in %s is unreadable (%s: %s); moved it to %s and trying the "
+                            "next older step", step, self.directory, type(error).__name__,
+                            str(error).splitlines()[0][:300], aside)
+        return None
 
     def close(self) -> None:
         self.manager.close()

@@ -25,7 +25,11 @@ def _add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _languages(args) -> list[str]:
-    return [language.strip() for language in args.languages.split(",") if language.strip()]
+    languages = [language.strip() for language in args.languages.split(",") if language.strip()]
+    if not languages:
+        raise ValueError(f"--languages {args.languages!r} names no language; give comma-separated codes, e.g. "
+                         f"--languages {DEMO_LANGUAGES}")
+    return languages
 
 
 def prepare(args) -> int:

@@ -27,6 +27,15 @@ DOCUMENT_SUFFIXES = (".txt", ".jsonl")
 log = logging.getLogger(__name__)
 
 
+def check_domain_name(name: str, entry: Path) -> str:
+    """`name` if it can name a domain's files (`memory/<name>.npz`), else a ValueError naming `entry`."""
+    if not name or name.startswith(".") or any(c in name for c in "/\\\0") or not name.isprintable():
+        raise ValueError(f"Corpus entry {entry} gives the domain name {name!r}, which cannot name a file (empty, "
+                         "starting with '.', or holding a path separator or control character); rename it, e.g. "
+                         "to the domain's language code")
+    return name
+
+
 def _document_files(root: Path) -> dict[str, list[Path]]:
     """Files per domain, checking the folder is a usable corpus."""
     if not root.is_dir():
@@ -37,9 +46,9 @@ def _document_files(root: Path) -> dict[str, list[Path]]:
         if entry.is_dir():
             files = sorted(p for p in entry.rglob("*") if p.suffix in DOCUMENT_SUFFIXES and p.is_file())
             if files:
-                domains[entry.name] = files
+                domains[check_domain_name(entry.name, entry)] = files
         elif entry.suffix in DOCUMENT_SUFFIXES:
-            domains[entry.stem] = [entry]
+            domains[check_domain_name(entry.stem, entry)] = [entry]
     if not domains:
         raise ValueError(f"Corpus folder {root} is empty: no {' / '.join(DOCUMENT_SUFFIXES)} files in it or in "
                          "its sub-folders; put each domain's documents in a sub-folder named after the domain")

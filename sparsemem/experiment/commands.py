@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
+
+from sparsemem.cli import EXIT_PREEMPTED
 
 log = logging.getLogger(__name__)
 
@@ -18,10 +21,19 @@ def _run(args: argparse.Namespace) -> int:
     from sparsemem.experiment.config import apply_overrides, load_config  # noqa: PLC0415
 
     config = apply_overrides(load_config(args.config), args.set or [])
+
+    def stop(signum, frame):  # training installs its own handler, which saves a checkpoint first
+        raise run_lib.Interrupted("stopped on SIGTERM outside training; finished phases are kept, rerun the same "
+                                  "command to resume")
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         run_lib.run(config, args.workdir)
-    except run_lib.Interrupted as stop:
-        log.warning("%s", stop)
+    except run_lib.Interrupted as stopped:
+        log.warning("%s", stopped)
+        return EXIT_PREEMPTED  # launch scripts rerun the command on this status
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

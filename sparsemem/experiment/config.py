@@ -189,6 +189,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         problems.append("data.corpus='folder' needs data.folder")
     if c.data.corpus != "folder" and len(c.data.languages) < 2:
         problems.append(f"data.languages={tuple(c.data.languages)} needs at least two languages")
+    if len(set(c.data.languages)) != len(c.data.languages):
+        problems.append(f"data.languages={tuple(c.data.languages)} names a language twice")
     unknown = sorted(set(c.train.variants) - set(VARIANTS))
     if unknown or "koff" not in c.train.variants:
         problems.append(f"train.variants={tuple(c.train.variants)} must include 'koff' and only {sorted(VARIANTS)}")
@@ -200,10 +202,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
         problems.append(f"eval.mc_tasks has unknown tasks {bad}; choose from {TASKS}")
     if c.eval.split not in ("validation", "test"):
         problems.append(f"eval.split={c.eval.split!r} must be 'validation' or 'test'")
-    for key in ("data.seq_len", "data.batch_size", "train.steps", "eval.paragraphs", "eval.batch_size",
-                "mesh.data", "mesh.fsdp", "mesh.model"):
+    for key in ("data.seq_len", "data.batch_size", "train.steps", "train.log_every", "eval.paragraphs",
+                "eval.batch_size", "analysis.paragraphs", "analysis.permutations", "mesh.data", "mesh.fsdp",
+                "mesh.model"):
         if flatten(c)[key] < 1:
             problems.append(f"{key}={flatten(c)[key]} must be >= 1")
+    if c.train.save_every < 0:
+        problems.append(f"train.save_every={c.train.save_every} must be >= 0 (0: save only at the end)")
     if c.eval.mc_prompt_tokens + c.eval.mc_continuation_tokens + 1 > c.data.seq_len:
         problems.append("eval.mc_prompt_tokens + eval.mc_continuation_tokens + 1 must fit data.seq_len")
     if not 0.0 < c.analysis.specific_fraction < 1.0:

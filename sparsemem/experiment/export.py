@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-import jax
+import pathlib
+import zipfile
+
 import numpy as np
+from jax.experimental import multihost_utils
 
 from sparsemem.experiment.rundir import RunDir
+from sparsemem.files import DamagedFileError, atomic_write
 from sparsemem.koff import sparsity
 from sparsemem.train.state import TrainState
 from sparsemem.train.trainer import KoffTrainer
@@ -19,7 +23,10 @@ def export_variant(run: RunDir, variant: str, trainer: KoffTrainer, state: Train
     """
     cfg, kcfg = trainer.cfg, trainer.kcfg
     masks = trainer.final_masks(state)
-    np.savez(run.file("export", variant, "mask.npz"), **masks)
+    memory = multihost_utils.process_allgather(state.memory, tiled=True)  # every process takes part
+    if not run.primary:
+        return masks
+    _save_npz(run.file("export", variant, "mask.npz"), masks)
     remaining = sparsity.remaining_params(cfg, masks)
     run.write_json(f"export/{variant}/sparsity.json", {
         "target": kcfg.target_sparsity,
@@ -31,11 +38,18 @@ def export_variant(run: RunDir, variant: str, trainer: KoffTrainer, state: Train
         "num_heads": cfg.num_heads,
         "d_ff": cfg.d_ff,
     })
-    memory = jax.device_get(state.memory)
     for d, name in enumerate(domains):
         if memory:
-            np.savez(run.file("export", variant, "memory", f"{name}.npz"), **{k: v[d] for k, v in memory.items()})
+            _save_npz(run.file("export", variant, "memory", f"{name}.npz"), {k: v[d] for k, v in memory.items()})
     return masks
+
+
+def _save_npz(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
+    def write(tmp: pathlib.Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to the temporary name
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
 
 
 def load_mask(run: RunDir, variant: str) -> dict[str, np.ndarray]:
@@ -43,5 +57,9 @@ def load_mask(run: RunDir, variant: str) -> dict[str, np.ndarray]:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: the run has not finished training variant {variant!r}; "
                                 "rerun `sparsemem run` with its config to complete it")
-    with np.load(path) as data:
-        return dict(data)
+    try:
+        with np.load(path) as data:
+            return dict(data)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise DamagedFileError(path, str(error), "rerun `sparsemem run` with the run's config: it exports the mask "
+                                                 "again from the final checkpoint") from None

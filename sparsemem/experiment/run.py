@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
+import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from sparsemem.analysis import lape
 from sparsemem.checkpoints.run_state import RunCheckpointer
@@ -36,7 +39,7 @@ TRANSLATION_SEPARATOR = "\n\n"
 
 
 class Interrupted(RuntimeError):
-    """Training stopped on SIGTERM after saving a checkpoint; the same command resumes it."""
+    """The run stopped on SIGTERM (in training: after saving a checkpoint); the same command resumes it."""
 
 
 def default_workdir(config: ml_collections.ConfigDict) -> str:
@@ -50,8 +53,9 @@ def _train_variant(run: RunDir, config, trainer: KoffTrainer, variant: str, corp
     batches = setup.AfterMemory(pipeline.train_batches(corpus.train, tokenizer, seq_len=config.data.seq_len,
                                                        batch_size=config.data.batch_size, seed=config.data.seed),
                                 config.koff.memory_slots)
-    if checkpointer.latest_step() is not None:
-        state, data_state = checkpointer.restore(trainer.abstract_state)
+    restored = checkpointer.restore_newest_readable(trainer.abstract_state)
+    if restored is not None:
+        state, data_state = restored
         batches.set_state(data_state)
         log.info("[%s] resuming from step %d", variant, int(state.step))
     else:
@@ -75,12 +79,27 @@ def _train_variant(run: RunDir, config, trainer: KoffTrainer, variant: str, corp
 
 def run(config: ml_collections.ConfigDict, workdir: str | None = None) -> RunDir:
     """Run (or resume) the experiment `config` in `workdir` (default `runs/<name>`)."""
-    run = RunDir.prepare(workdir or default_workdir(config), config)
-    log.info("run directory %s", run.path)
-    with Timer(run, "setup"):
-        mesh = setup.mesh_for(config)
-        decoder, tokenizer = setup.load_model(config, mesh)
-        corpus = setup.load_corpus(config)
+    start = time.perf_counter()
+    mesh = setup.mesh_for(config)  # setup errors leave the work directory untouched
+    primary = jax.process_index() == 0  # the process that holds the run directory's lock
+    run = RunDir.check(workdir or default_workdir(config), config, primary=primary)  # before the slow setup
+    corpus = setup.load_corpus(config)
+    decoder, tokenizer = setup.load_model(config, mesh)
+    with run.open(config, primary=primary, barrier=_barrier("sparsemem run directory")):
+        log.info("run directory %s", run.path)
+        if primary:
+            run.record_time("setup", time.perf_counter() - start)
+        return _run_phases(run, config, mesh, decoder, tokenizer, corpus)
+
+
+def _barrier(name: str):
+    """Every process waits here until all have arrived (nothing to wait for with one process)."""
+    if jax.process_count() == 1:
+        return lambda: None
+    return lambda: multihost_utils.sync_global_devices(name)
+
+
+def _run_phases(run: RunDir, config, mesh, decoder, tokenizer, corpus: setup.Corpus) -> RunDir:
     names, D = corpus.names, len(corpus.names)
     trainers, masks, tables, lora_scales = {}, {}, {}, {}
     for variant in config.train.variants:
@@ -93,17 +112,18 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None) -> RunDir
         lora_scales[variant] = kcfg.lora_scale
         trainers[variant] = trainer
 
-    if run.read_json("eval.json") is None:
+    if run.read_result("eval.json") is None:
         with Timer(run, "evaluate"):
             results = _evaluate(config, trainers["koff"], corpus, tokenizer, masks, tables, lora_scales)
         run.write_json("eval.json", results)
     del trainers, tables
 
-    if config.analysis.enabled and run.read_json("analysis.json") is None:
+    if config.analysis.enabled and run.read_result("analysis.json") is None:
         with Timer(run, "analysis"):
             run.write_json("analysis.json", analyze(config, decoder, tokenizer, masks, corpus))
-    write_report(run)
-    log.info("report: %s", run.path / "report.md")
+    if run.primary:
+        write_report(run)
+        log.info("report: %s", run.path / "report.md")
     return run
 
 
@@ -151,9 +171,9 @@ def analyze_run(workdir: str) -> RunDir:
     masks = {variant: load_mask(run, variant) for variant in config.train.variants}
     mesh = setup.mesh_for(config)
     decoder, tokenizer = setup.load_model(config, mesh)
-    with Timer(run, "analysis"):
+    with run.locked(), Timer(run, "analysis"):
         run.write_json("analysis.json", analyze(config, decoder, tokenizer, masks))
-    write_report(run)
+        write_report(run)
     log.info("report: %s", run.path / "report.md")
     return run
 

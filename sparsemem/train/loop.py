@@ -2,7 +2,7 @@
 
 - SIGTERM (what a TPU VM receives before preemption) sets a flag; the loop
   finishes the current step, saves a checkpoint and returns `"preempted"`, so the
-  caller exits cleanly with status 0 and a later run resumes from it.
+  caller exits with a status saying so (`sparsemem run`: 75) and a later run resumes from it.
 - A non-finite loss raises `NonFiniteLossError` *before* anything is saved, so the
   last checkpoint on disk is the last good state.
 - Every step blocks on its loss (needed for the NaN check; it also keeps fake
