@@ -191,16 +191,6 @@ def test_atomic_writes_honour_the_umask(tmp_path, umask):
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temporary file left
 
 
-def test_url_run_and_model_folders_are_refused_instead_of_becoming_local_gs_folders(tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    status, err = run_cli(capsys, "run", "--config", CI, "--workdir", "gs://bucket/runs/ci")
-    assert status == 1 and "run directory gs://bucket/runs/ci is a URL" in err and "GCS FUSE" in err
-    status, err = run_cli(capsys, "run", "--config", CI, "--workdir", str(tmp_path / "run"),
-                          "--set", "model.source='hf'", "--set", "model.path='gs://bucket/models/x'")
-    assert status == 1 and "model folder gs://bucket/models/x is a URL" in err
-    assert list(tmp_path.iterdir()) == []  # no local "gs:" folder, no run directory
-
-
 def test_only_process_0_writes_and_the_others_wait_for_its_run_directory(tmp_path, monkeypatch):
     config = load_config(CI)
     order = []

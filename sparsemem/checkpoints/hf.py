@@ -24,7 +24,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from sparsemem.files import DamagedFileError, atomic_write, read_json, require_local
+from sparsemem.files import DamagedFileError, as_path, atomic_write, read_json, require_local
 from sparsemem.models.config import ModelConfig, from_hf_config, to_hf_config
 from sparsemem.models.decoder import Decoder, Remat
 from sparsemem.parallel.rules import Rules, named_sharding
@@ -222,8 +222,8 @@ def load_hf_checkpoint(path: str | os.PathLike, *, mesh: Mesh | None = None, rul
 
 
 def save_hf_checkpoint(model: Decoder, path: str | os.PathLike) -> None:
-    """Write `config.json` and `model.safetensors` in HF layout (exact inverse of the loader)."""
-    path = pathlib.Path(path)
+    """Write `config.json` and `model.safetensors` in HF layout (exact inverse of the loader), locally or to `gs://`."""
+    path = as_path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
     maps = tensor_maps(cfg)

@@ -1,15 +1,27 @@
-"""Training metrics: JSONL (one line per step), TensorBoard events, and a progress line with ETA."""
+"""Training metrics: JSONL (one line per step), TensorBoard events, and a progress line with ETA.
+
+An object store cannot append to a file, and tensorboardX reaches `gs://` only through its
+own Cloud Storage client: for a `gs://` run directory both files are written in a local
+staging folder and uploaded (whole, each an atomic object write) every `log_every` steps
+and when the log closes (also on SIGTERM). A SIGKILL loses at most the lines since the
+last upload; the resumed run logs the steps after its checkpoint again.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import pathlib
+import shutil
+import tempfile
 import time
 
 import jax
 import tensorboardX
+from etils import epath
 
+from sparsemem import files
 from sparsemem.files import DamagedFileError
 
 log = logging.getLogger(__name__)
@@ -21,13 +33,19 @@ class MetricsLog:
     In a multi-host run only process 0 writes; every process logs its progress line.
     """
 
-    def __init__(self, run_path: pathlib.Path, variant: str, domains: list[str], *, total_steps: int,
+    def __init__(self, run_path: epath.Path, variant: str, domains: list[str], *, total_steps: int,
                  first_step: int, log_every: int):
         self.file = self.tb = None
+        self.remote = None if files.is_local(run_path) else run_path  # uploaded from the local staging folder
         if jax.process_index() == 0:
-            drop_torn_line(run_path / "metrics.jsonl")
-            self.file = open(run_path / "metrics.jsonl", "a")
-            self.tb = tensorboardX.SummaryWriter(str(run_path / "tensorboard" / variant))
+            self.local = pathlib.Path(tempfile.mkdtemp(prefix="sparsemem-metrics-")) if self.remote else run_path
+            if self.remote and (run_path / "metrics.jsonl").exists():
+                files.atomic_write(self.local / "metrics.jsonl",
+                                   lambda tmp: tmp.write_bytes((run_path / "metrics.jsonl").read_bytes()))
+            drop_torn_line(self.local / "metrics.jsonl")
+            self.file = open(self.local / "metrics.jsonl", "a")
+            self.tb = tensorboardX.SummaryWriter(os.fspath(self.local / "tensorboard" / variant),  # one file per
+                                                 filename_suffix=f".from-step-{first_step}")  # (re)start: no clash
         self.variant, self.domains = variant, domains
         self.total, self.first, self.log_every = total_steps, first_step, log_every
         self.start = time.perf_counter()
@@ -52,11 +70,24 @@ class MetricsLog:
             self.tb.add_scalar(key, value, step)
         for domain, value in by_domain.items():
             self.tb.add_scalar(f"loss/{domain}", value, step)
+        if self.remote and (step % self.log_every == 0 or step == self.total):
+            self._upload()
+
+    def _upload(self) -> None:
+        """Copy the staged metrics.jsonl and TensorBoard events to the object store."""
+        self.tb.flush()
+        for path in [self.local / "metrics.jsonl", *(self.local / "tensorboard").rglob("*")]:
+            if path.is_file():
+                files.atomic_write(self.remote / path.relative_to(self.local),
+                                   lambda tmp, source=path: shutil.copyfile(source, tmp))
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
             self.tb.close()
+            if self.remote:
+                self._upload()
+                shutil.rmtree(self.local)
 
 
 def _duration(seconds: float) -> str:
@@ -81,17 +112,17 @@ def drop_torn_line(path: pathlib.Path) -> None:
             f.truncate(keep)
 
 
-def read_metrics(run_path: pathlib.Path) -> list[dict]:
+def read_metrics(run_path: str | os.PathLike) -> list[dict]:
     """Metric lines of a run; a step logged twice (before and after a resume) keeps its last line.
 
     An unfinished last line (a kill during a write) is skipped; any other unreadable line is an
     error naming the file and line.
     """
-    path = run_path / "metrics.jsonl"
+    path = files.as_path(run_path) / "metrics.jsonl"
     if not path.exists():
         return []
     rows = {}
-    lines = path.read_text(errors="replace").split("\n")
+    lines = path.read_bytes().decode(errors="replace").split("\n")
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue

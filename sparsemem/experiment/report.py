@@ -7,6 +7,7 @@ import json
 import numpy as np
 from matplotlib.figure import Figure  # no pyplot: no global backend state, works headless and in notebooks
 
+from sparsemem import files
 from sparsemem.experiment.config import koff_config
 from sparsemem.experiment.metrics import read_metrics
 from sparsemem.experiment.rundir import RunDir
@@ -130,7 +131,7 @@ def plot_training(metrics: list[dict], path, gate_steps: int | None = None) -> N
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
 
 
 def plot_sparsity(sparsities: dict[str, dict], path) -> None:
@@ -146,7 +147,7 @@ def plot_sparsity(sparsities: dict[str, dict], path) -> None:
         ax.set_ylabel("fraction removed")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
 
 
 def plot_swap(results: dict, path) -> None:
@@ -165,7 +166,7 @@ def plot_swap(results: dict, path) -> None:
     ax.set_title("perplexity (colour: relative to own memory)")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
 
 
 def plot_analysis(analysis: dict, path) -> None:
@@ -191,7 +192,12 @@ def plot_analysis(analysis: dict, path) -> None:
     axes[1].set_ylabel("fraction of neurons")
     axes[1].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
+
+
+def _save(fig: Figure, path) -> None:
+    """Write `fig` as a PNG to `path` (local or `gs://`)."""
+    files.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
 
 
 def write_report(run: RunDir) -> str:

@@ -15,6 +15,11 @@ runs/<name>/
 
 A folder that exists, is not empty and has neither the marker nor a run's `config.json`
 is someone else's: it is refused, so nothing of it is overwritten or appended to.
+
+The path may be a `gs://` URL (`files.as_path`). An object store has no flock: there
+`.lock` is an object naming its holder (host, pid, start time), written when the run
+opens the folder and removed when it ends. It does not exclude a second run (a preempted
+slice leaves it behind, and must resume); a run that finds one warns, naming the holder.
 """
 
 from __future__ import annotations
@@ -25,11 +30,12 @@ import fcntl
 import json
 import logging
 import os
-import pathlib
+import socket
 import time
 from typing import Any, Callable, Iterator
 
 import ml_collections
+from etils import epath
 
 from sparsemem import files
 from sparsemem.experiment.config import defaults, differences, flatten
@@ -48,8 +54,7 @@ class RunDirError(ValueError):
 
 class RunDir:
     def __init__(self, path: str | os.PathLike):
-        self.path = files.require_local(path, "run directory", "mount the bucket with GCS FUSE (e.g. `gcsfuse BUCKET "
-                                        "/mnt/gcs`) and pass the mounted folder, e.g. /mnt/gcs/runs/<name>")
+        self.path = files.as_path(path)
         self.primary = True  # False in processes other than 0 of a multi-host run: they write nothing
 
     @classmethod
@@ -110,7 +115,14 @@ class RunDir:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator["RunDir"]:
-        """Hold the folder's lock (refused, naming the holder's pid, while another process holds it)."""
+        """Hold the folder's lock (refused, naming the holder's pid, while another process holds it).
+
+        On an object store: the `.lock` object, which names the holder but excludes no one.
+        """
+        if not files.is_local(self.path):
+            with self._lock_object():
+                yield self
+            return
         fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -127,13 +139,26 @@ class RunDir:
         finally:
             os.close(fd)  # closing releases the flock; a killed process releases it too
 
+    @contextlib.contextmanager
+    def _lock_object(self) -> Iterator[None]:
+        lock = self.path / LOCK
+        if lock.exists():
+            log.warning("%s names another `sparsemem run` (%s): if it was killed or preempted, nothing to do; if it "
+                        "is still running, stop one of the two (an object store has no lock that excludes it)",
+                        lock, lock.read_text().strip())
+        lock.write_text(f"host {socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+
     def _in_use(self, holder: str) -> RunDirError:
         return RunDirError(f"{self.path} is in use by another `sparsemem run` (pid {holder}); wait for it to finish "
                            "or stop it, or pass another --workdir")
 
     def _holder(self) -> str | None:
-        """The pid holding the lock, or None when it is free."""
-        if not (self.path / LOCK).exists():
+        """The pid holding the lock, or None when it is free (always on an object store)."""
+        if not files.is_local(self.path) or not (self.path / LOCK).exists():
             return None
         fd = os.open(self.path / LOCK, os.O_RDONLY)
         try:
@@ -165,7 +190,7 @@ class RunDir:
                               "pass another --workdir, or rerun with the same config to resume")
 
     @property
-    def config_file(self) -> pathlib.Path:
+    def config_file(self) -> epath.Path:
         return self.path / "config.json"
 
     def config(self) -> ml_collections.ConfigDict:
@@ -183,7 +208,7 @@ class RunDir:
                 node[leaf] = tuple(value) if isinstance(value, list) else value
         return config
 
-    def file(self, *parts: str) -> pathlib.Path:
+    def file(self, *parts: str) -> epath.Path:
         path = self.path.joinpath(*parts)
         path.parent.mkdir(parents=True, exist_ok=True)
         return path

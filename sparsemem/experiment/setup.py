@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from sparsemem import files
 from sparsemem.checkpoints.hf import load_hf_checkpoint, load_tokenizer, read_config
 from sparsemem.data import sources as sources_lib
 from sparsemem.data.sources import DomainSource, SubsetRecords
@@ -19,6 +20,8 @@ from sparsemem.parallel.mesh import make_mesh
 from sparsemem.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+STAGED_MODELS = "~/.cache/sparsemem/staged"  # where a `gs://` model.path is copied on each host
 
 
 def mesh_for(config: ml_collections.ConfigDict):
@@ -38,7 +41,7 @@ def load_model(config: ml_collections.ConfigDict, mesh) -> tuple[Decoder, Tokeni
     m = config.model
     dtype = jnp.dtype(m.param_dtype)
     if m.source == "hf":
-        folder = m.path
+        folder = files.local_copy(m.path, STAGED_MODELS)  # a gs:// model is copied to this host's disk once
     else:
         from sparsemem.checkpoints.gguf import demo_model_dir  # noqa: PLC0415 (needs the demo extra)
         folder = demo_model_dir()
