@@ -3,7 +3,8 @@
 Two doubles, one folder: an fsspec filesystem registered for the `gs`/`gcs` protocols
 (what `etils.epath` uses for `gs://` without TensorFlow, in place of `gcsfs`), and
 tensorstore's `file` driver in place of its `gcs` driver (what orbax uses for checkpoint
-arrays). Only the network and credentials are left out; paths stay `gs://` URLs everywhere.
+arrays); orbax's Cloud Storage client call (does the bucket have a hierarchical namespace?)
+answers "no". Only the network and credentials are left out; paths stay `gs://` URLs.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 from etils.epath import backend as epath_backend
 from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
-from orbax.checkpoint._src.serialization import tensorstore_utils
+from orbax.checkpoint._src.path import gcs_utils
 
 
 class FakeGcsFileSystem(DirFileSystem):
@@ -42,6 +43,7 @@ def install(monkeypatch: pytest.MonkeyPatch, root: pathlib.Path) -> pathlib.Path
     for name in FakeGcsFileSystem.protocol:
         monkeypatch.setitem(registry, name, FakeGcsFileSystem)
     epath_backend.fsspec_backend._get_filesystem.cache_clear()  # noqa: SLF001 (epath caches one per protocol)
-    monkeypatch.setattr(tensorstore_utils.gcs_utils, "get_kvstore_for_gcs",
+    monkeypatch.setattr(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False)  # a flat bucket
+    monkeypatch.setattr(gcs_utils, "get_kvstore_for_gcs",
                         lambda url: {"driver": "file", "path": str(root / url[len("gs://"):])})
     return root

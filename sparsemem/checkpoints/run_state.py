@@ -19,7 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from sparsemem.files import set_aside
+from sparsemem.files import as_path, is_local, set_aside
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,8 @@ class RunCheckpointer:
     """Keeps the last `max_to_keep` run checkpoints under `directory` (one subdirectory per step)."""
 
     def __init__(self, directory: str | epath.Path, *, max_to_keep: int | None = 3):
-        self.directory = epath.Path(directory).absolute()
+        self.directory = as_path(directory) if not is_local(directory) else epath.Path(directory).absolute()  # an
+        # epath `gs://` path's absolute() prepends the working directory
         self.manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False))

@@ -3,7 +3,7 @@
 ```
 runs/<name>/
   .sparsemem-run         marker, written first: this folder is a run directory
-  .lock                  pid of the `sparsemem run` holding the folder (an flock, freed when it exits)
+  .lock                  holder of the folder: its pid and an flock (local), or an owner object (gs://)
   config.json            resolved config (written after setup succeeded; a rerun must match it)
   metrics.jsonl          one line per train step: {"variant", "step", "loss", ...}
   tensorboard/           the same scalars as TensorBoard events
