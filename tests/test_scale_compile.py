@@ -12,6 +12,7 @@ from sparsemem import cli
 from sparsemem.koff.config import KoffConfig
 from sparsemem.models.config import preset, to_hf_config
 from sparsemem.models.decoder import Decoder
+from sparsemem.models.loss import token_cross_entropy
 from sparsemem.parallel.mesh import make_mesh
 from sparsemem.parallel.rules import axis_rules
 from sparsemem.scale import aot, flops
@@ -95,3 +96,17 @@ def test_analytic_flops_match_the_traced_steps(change):
             trainer.abstract_state, trainer.backbone, batch, jax.ShapeDtypeStruct((), jnp.float32))
     assert flops.jaxpr_flops(train.jaxpr) == flops.train_step_flops(cfg, kcfg, 8, 64)
     assert flops.jaxpr_flops(evaluate.jaxpr) == flops.eval_step_flops(cfg, kcfg, 8, 64)
+
+
+@pytest.mark.parametrize("logits", [False, True])
+def test_analytic_forward_flops_match_the_traced_forward(logits):
+    cfg = CFG.replace(num_layers=3)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
+
+    def forward(state, tokens):
+        model = nnx.merge(graphdef, state)
+        hidden, _ = model(tokens)
+        return token_cross_entropy(model, hidden, tokens, chunk_size=4096) if logits else hidden
+
+    traced = jax.make_jaxpr(forward)(state, jax.ShapeDtypeStruct((2, 64), jnp.int32))
+    assert flops.jaxpr_flops(traced) == flops.forward_flops(cfg, 2, 64, logits=logits)

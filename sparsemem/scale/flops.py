@@ -76,9 +76,10 @@ def train_step_flops(cfg: ModelConfig, kcfg: KoffConfig, batch: int, seq_len: in
 
     Forward with gates and memory; backward to the activations (the frozen backbone
     gets no weight gradients: x1 the dense products) and to the memory (attention and
-    LoRA: x2); the loss recomputes each chunk's logits in the backward. With
-    `recompute=False` the rematerialised products (remat policy, loss chunks) are
-    left out: the model FLOPs that MFU is quoted against.
+    LoRA: x2); each loss computes its logits once and its gradient w.r.t. the hidden
+    states in the same pass (`sparsemem.models.loss`). With `recompute=False` the
+    rematerialised products (remat policy) are left out: the model FLOPs that MFU is
+    quoted against.
     """
     layer = _layer_flops(cfg, kcfg, batch, seq_len)
     micro_tokens = _loss_tokens(batch // kcfg.accum_steps * seq_len, kcfg.loss_chunk)
@@ -94,8 +95,13 @@ def train_step_flops(cfg: ModelConfig, kcfg: KoffConfig, batch: int, seq_len: in
             total += cfg.num_layers * (sum(layer.values()) - skipped)
         elif kcfg.remat == "dots":  # products with a dot batch dimension are not saved
             total += cfg.num_layers * (layer["attention"] + layer["lora"])
-        total += unembed * (3 if kcfg.kl_weight > 0 else 1)
     return total
+
+
+def forward_flops(cfg: ModelConfig, batch: int, seq_len: int, *, logits: bool) -> int:
+    """Analytic matmul FLOPs of a plain forward over `batch x seq_len` tokens, with or without the vocabulary head."""
+    head = 2 * batch * seq_len * cfg.d_model * cfg.vocab_size if logits else 0
+    return cfg.num_layers * sum(_layer_flops(cfg, None, batch, seq_len).values()) + head
 
 
 def eval_step_flops(cfg: ModelConfig, kcfg: KoffConfig, batch: int, seq_len: int) -> int:
