@@ -7,6 +7,9 @@ Each backend runs in its own subprocess (so peak memory is its own), alternately
   transformers materialises the full `[B, T, V]` logits (its standard path).
 Peak memory is the largest resident set size sampled while the workload runs
 (warm-up included), and its growth over the RSS just before (weights loaded).
+GFLOP/s are the analytic forward FLOPs (`sparsemem.scale.flops.forward_flops`, the same
+count for both backends) per second; % of peak divides by a float32 matmul probe run
+in the same session.
 
     python benchmarks/forward.py [--batch 8 --seq 512 --rounds 2 --repeats 2]
 """
@@ -21,6 +24,8 @@ import threading
 import time
 
 import psutil
+
+import hardware
 
 
 class PeakRSS:
@@ -78,7 +83,7 @@ def run_sparsemem(folder: str, batch: int, seq: int, repeats: int, workload: str
     def lm_loss(state, tokens):
         model = nnx.merge(graphdef, state)
         h, _ = model(tokens[:, :-1])
-        return token_cross_entropy(model, h, tokens[:, 1:], chunk_size=2048).mean()
+        return token_cross_entropy(model, h, tokens[:, 1:]).mean()
 
     fn = hidden if workload == "hidden" else lm_loss
     return _measure(lambda: jax.block_until_ready(fn(state, tokens)), repeats)
@@ -123,13 +128,18 @@ def main() -> None:
         return _child(args)
 
     from sparsemem.checkpoints.gguf import demo_model_dir
+    from sparsemem.checkpoints.hf import read_config
+    from sparsemem.scale.flops import forward_flops
 
     folder = str(demo_model_dir())
+    cfg = read_config(demo_model_dir())
     tokens = args.batch * args.seq
+    peak, peak_source = hardware.peak_flops("float32")
     print(f"Gemma-3-270M, float32, batch {args.batch} x {args.seq} = {tokens} tokens, CPU "
-          f"({psutil.cpu_count()} cores); best of {args.rounds} rounds x {args.repeats} repeats", flush=True)
-    header = (f"{'workload':<9} {'backend':<13} {'tokens/s':>10} {'peak RSS':>10} {'RSS growth':>11} "
-              f"{'speed ratio':>12} {'memory ratio':>13}")
+          f"({psutil.cpu_count()} cores); best of {args.rounds} rounds x {args.repeats} repeats; "
+          f"peak {peak / 1e9:.0f} GFLOP/s ({peak_source})", flush=True)
+    header = (f"{'workload':<9} {'backend':<13} {'tokens/s':>10} {'GFLOP/s':>8} {'% peak':>7} {'peak RSS':>10} "
+              f"{'RSS growth':>11} {'speed ratio':>12} {'memory ratio':>13}")
     rows = [header, "-" * len(header)]
     for workload in args.workloads.split(","):
         best: dict[str, dict] = {}
@@ -144,10 +154,14 @@ def main() -> None:
                     best[backend] = {**result, "peak_rss": max(result["peak_rss"],
                                                                 best.get(backend, {}).get("peak_rss", 0))}
         ours, ref = best["sparsemem"], best["transformers"]
+        seq = args.seq - 1 if workload == "lm_loss" else args.seq  # the loss predicts tokens 1..T-1
+        work = forward_flops(cfg, args.batch, seq, logits=workload == "lm_loss")
         for name, r in (("sparsemem", ours), ("transformers", ref)):
             speed = ref["seconds"] / r["seconds"]
             memory = r["peak_rss"] / ref["peak_rss"]
-            rows.append(f"{workload:<9} {name:<13} {tokens / r['seconds']:>10.0f} {r['peak_rss'] / 2**30:>8.2f}Gi "
+            rate = work / r["seconds"]
+            rows.append(f"{workload:<9} {name:<13} {tokens / r['seconds']:>10.0f} {rate / 1e9:>8.1f} "
+                        f"{100 * rate / peak:>6.0f}% {r['peak_rss'] / 2**30:>8.2f}Gi "
                         f"{r['rss_growth'] / 2**30:>9.2f}Gi {speed:>11.2f}x {memory:>12.2f}x")
     print("\n".join(rows))
     print("speed ratio = transformers time / this time; memory ratio = this peak RSS / transformers' "

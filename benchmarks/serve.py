@@ -9,6 +9,8 @@ compacted costs), *compacted* keeps only the mask's units. The mask is the
 deterministic top-k mask of random gate scores at `--sparsity` (prunable params).
 Ideal speed-ups: prefill from FLOPs (projections, attention over prompt + memory,
 last-token logits), decode from bytes read per step (weights + KV cache), float32.
+Prefill GFLOP/s are those FLOPs per second, % of peak against a float32 matmul probe
+run in the same session (`hardware.py`; the vendor peak on GPU/TPU).
 Variants run interleaved; times are the best of `--reps` rounds (prefill) and of the per-round
 median decode step, after a warm-up, to damp the noise of other load on a shared machine.
 """
@@ -24,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import hardware
 from sparsemem.checkpoints.gguf import demo_model_dir
 from sparsemem.checkpoints.hf import load_hf_checkpoint
 from sparsemem.koff import sparsity
@@ -144,9 +147,11 @@ def main() -> None:
     print(f"# Gemma-3-270M (float32, {jax.devices()[0].platform}), memory: {args.slots} KV slots + LoRA r={args.rank} "
           f"on q,v; mask sparsity {realised:.3f} of prunable params ({realised_all:.3f} of all); "
           f"prompt {args.prompt_len}, decode steps timed at cache {args.prompt_len}..{args.prompt_len + args.decode_len}")
-    print("| backbone | batch | prefill tok/s | ideal x | measured x | % of ideal | decode tok/s | ideal x "
-          "| measured x | % of ideal |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    peak, peak_source = hardware.peak_flops("float32")
+    print(f"# peak {peak / 1e9:.0f} GFLOP/s ({peak_source})")
+    print("| backbone | batch | prefill tok/s | prefill GFLOP/s | % of peak | ideal x | measured x | % of ideal "
+          "| decode tok/s | ideal x | measured x | % of ideal |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     banks = {name: MemoryBank(cfg, layout, DOMAINS, table, 2.0) for name, (_, layout) in variants.items()}
     for batch in (int(b) for b in args.batches.split(",")):
         runners = {name: Runner(model, banks[name], batch, args.prompt_len, args.decode_len)
@@ -164,7 +169,8 @@ def main() -> None:
             base = base or (t_pre, t_dec, flops, bytes_)
             ideal_p, ideal_d = base[2] / flops, base[3] / bytes_
             got_p, got_d = base[0] / t_pre, base[1] / t_dec
-            print(f"| {name} | {batch} | {batch * args.prompt_len / t_pre:,.0f} | {ideal_p:.2f} | {got_p:.2f} | "
+            print(f"| {name} | {batch} | {batch * args.prompt_len / t_pre:,.0f} | {flops / t_pre / 1e9:.1f} | "
+                  f"{100 * flops / t_pre / peak:.0f}% | {ideal_p:.2f} | {got_p:.2f} | "
                   f"{100 * got_p / ideal_p:.0f}% | {batch / t_dec:,.1f} | {ideal_d:.2f} | {got_d:.2f} | "
                   f"{100 * got_d / ideal_d:.0f}% |", flush=True)
         del runners

@@ -1,37 +1,30 @@
-"""Speed and memory of the KOFF train step next to a plain frozen forward+backward.
+"""Speed, FLOP/s and memory of the KOFF train step next to a plain frozen forward+backward.
 
-    python benchmarks/train_step.py [--batch 4 --seq 256 --rounds 3 --domains 8,512]
+    python benchmarks/train_step.py [--batch 4 --seq 256 --rounds 3 --domains 8 --against REV]
 
-Model: Gemma-3-270M with random weights (speed does not depend on the values),
-float32. The baseline is the same decoder's forward and backward through all
-activations (gradient w.r.t. its per-layer attention-norm weights, whose weight
-gradient costs nothing), i.e. what any method that trains inside the network pays;
-the KOFF step adds gate sampling, KV memory, LoRA and the optimiser updates.
-Steps are timed in alternating rounds (median) so a busy machine's load drifts
-affect all variants alike. Prints seconds/step, tokens/s, the overhead ratio and
-the process's peak host RSS after building each variant (built in table order).
+Model: the embedded Gemma-3-270M (float32). The baseline is the same decoder's forward
+and backward through all activations (gradient w.r.t. its per-layer attention-norm
+weights, whose weight gradient costs nothing), i.e. what any method that trains inside
+the network pays; the KOFF step adds gate sampling, KV memory, LoRA and the optimiser
+updates. `--against REV` adds the KOFF step as implemented at git revision REV (its own
+`sparsemem` package), to measure a change against the code before it.
+
+Every variant runs in its own process (`workers.py`); steps are timed in alternating
+rounds and the median is kept. GFLOP/s are model FLOPs (`sparsemem.scale.flops`: the
+KOFF step without rematerialisation; the baseline as 2x the forward with logits) per
+second; % of peak divides by a float32 matmul probe run in the same session.
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
-import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from sparsemem.koff.config import KoffConfig
-from sparsemem.models.config import preset
-from sparsemem.models.decoder import Decoder
-from sparsemem.models.loss import masked_mean, token_cross_entropy
-from sparsemem.train import KoffTrainer
+import hardware
+import workers
 
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+ALL_PROJECTIONS = "q,k,v,o,gate,up,down"
 
 
 def make_batch(cfg, batch: int, seq: int, num_domains: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -42,19 +35,21 @@ def make_batch(cfg, batch: int, seq: int, num_domains: int, seed: int = 0) -> di
                 domain=rng.integers(0, num_domains, batch))
 
 
-def interleaved_medians(runners: list, rounds: int) -> list[float]:
-    """Median seconds per call of each runner, timed in alternating rounds so load drifts hit all alike."""
-    times = [[] for _ in runners]
-    for _ in range(rounds):
-        for run, out in zip(runners, times):
-            start = time.perf_counter()
-            run()
-            out.append(time.perf_counter() - start)
-    return [float(np.median(t)) for t in times]
+def koff_config(args, num_domains: int):
+    from sparsemem.koff.config import KoffConfig
+
+    return KoffConfig(num_domains=num_domains, memory_init="random", memory_slots=args.slots, lora_rank=args.rank,
+                      lora_targets=tuple(args.lora_targets.split(",")))
 
 
-def baseline(decoder: Decoder, batch: dict):
-    """A compiled, warmed-up frozen forward+backward (see module docstring)."""
+def baseline_step(decoder, batch: dict):
+    """A compiled frozen forward+backward (see module docstring)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from sparsemem.models.loss import masked_mean, token_cross_entropy
+
     graphdef, norms, rest = nnx.split(decoder, lambda path, _: path[-1] == "attn_norm" and "layers" in path, ...)
 
     @jax.jit
@@ -66,49 +61,89 @@ def baseline(decoder: Decoder, batch: dict):
         return jax.value_and_grad(loss)(norms)
 
     device_batch = {k: jnp.asarray(v) for k, v in batch.items()}
-    run = lambda: jax.block_until_ready(step(norms, rest, device_batch))  # noqa: E731
-    run()
-    return run
+    return lambda: jax.block_until_ready(step(norms, rest, device_batch))
 
 
-def koff(decoder: Decoder, num_domains: int, batch: dict):
-    """A compiled, warmed-up KOFF train step with a table of `num_domains` rows."""
-    trainer = KoffTrainer(decoder, KoffConfig(num_domains=num_domains, memory_init="random"))
+def koff_step(decoder, kcfg, batch: dict):
+    """A compiled KOFF train step; each call updates the state."""
+    from sparsemem.train import KoffTrainer
+
+    trainer = KoffTrainer(decoder, kcfg)
     box = {"state": trainer.init()}
 
     def run():
         box["state"], metrics = trainer.train_step(box["state"], batch)
         float(metrics["loss"])
 
-    run()
     return run
 
 
+def child(args) -> None:
+    from sparsemem.checkpoints.gguf import demo_model_dir
+    from sparsemem.checkpoints.hf import load_hf_checkpoint
+
+    decoder = load_hf_checkpoint(demo_model_dir())
+    domains = 1 if args.child == "baseline" else args.child_domains
+    batch = make_batch(decoder.cfg, args.batch, args.seq, domains)
+    step = baseline_step(decoder, batch) if args.child == "baseline" else koff_step(
+        decoder, koff_config(args, domains), batch)
+    workers.serve(step, {})
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3, help="timed steps per variant (interleaved)")
-    parser.add_argument("--domains", default="8,512", help="comma-separated memory table sizes")
+    parser.add_argument("--domains", default="8", help="comma-separated memory table sizes")
+    parser.add_argument("--slots", type=int, default=16, help="KV memory slots")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    parser.add_argument("--lora-targets", default=ALL_PROJECTIONS)
+    parser.add_argument("--against", help="also time the KOFF step (first --domains) of this git revision")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the frozen forward+backward")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-domains", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        return child(args)
+
+    from sparsemem.models.config import preset
+    from sparsemem.scale import flops
+
     cfg = preset("gemma-3-270m")
-    decoder = Decoder(cfg, rngs=nnx.Rngs(0))
+    peak, peak_source = hardware.peak_flops("float32")
+    shape = ["--batch", str(args.batch), "--seq", str(args.seq), "--slots", str(args.slots), "--rank", str(args.rank),
+             "--lora-targets", args.lora_targets]
+    domains = [int(d) for d in args.domains.split(",")]
+    variants = [] if args.no_baseline else [("frozen forward+backward", "baseline", domains[0], None)]
+    variants += [(f"KOFF step, D={d}", "koff", d, None) for d in domains]
+    if args.against:
+        variants.append((f"KOFF step, D={domains[0]} @{args.against}", "koff", domains[0],
+                         workers.package_at(args.against)))
+    script = __file__
+    procs = [workers.Worker(script, ["--child", kind, "--child-domains", str(d), *shape], path)
+             for _, kind, d, path in variants]
+    times = workers.interleaved(procs, args.rounds)
+    memory = [p.close() for p in procs]
     tokens = args.batch * args.seq
-    kcfg = KoffConfig(num_domains=1)
-    print(f"Gemma-3-270M random init, float32, {jax.devices()[0].platform}, batch {args.batch} x {args.seq}; "
-          f"KOFF: M={kcfg.memory_slots} KV slots, LoRA r={kcfg.lora_rank} on {kcfg.lora_targets}; "
-          f"median of {args.rounds} interleaved rounds")
-    names, runners, rss = ["frozen forward+backward"], [baseline(decoder, make_batch(cfg, args.batch, args.seq, 1))], []
-    rss.append(peak_rss_gib())
-    for d in (int(x) for x in args.domains.split(",")):
-        names.append(f"KOFF step, D={d}")
-        runners.append(koff(decoder, d, make_batch(cfg, args.batch, args.seq, d)))
-        rss.append(peak_rss_gib())
-    seconds = interleaved_medians(runners, args.rounds)
-    print(f"| {'step':<26} | {'s/step':>7} | {'tokens/s':>9} | {'vs baseline':>11} | {'peak RSS GiB (so far)':>21} |")
-    print(f"|{'-' * 28}|{'-' * 9}|{'-' * 11}|{'-' * 13}|{'-' * 23}|")
-    for name, sec, mem in zip(names, seconds, rss):
-        print(f"| {name:<26} | {sec:7.2f} | {tokens / sec:9.0f} | {sec / seconds[0]:10.2f}x | {mem:21.2f} |")
+    print(f"Gemma-3-270M (embedded weights), float32, CPU, batch {args.batch} x {args.seq}; KOFF: "
+          f"M={args.slots} KV slots, LoRA r={args.rank} on {args.lora_targets}; median of {args.rounds} interleaved "
+          f"rounds, one process per variant; peak {peak / 1e9:.0f} GFLOP/s ({peak_source})")
+    print("| step | s/step | tokens/s | GFLOP/s | % of peak | vs first row | peak RSS GiB |")
+    print("|---|---|---|---|---|---|---|")
+    first = None
+    for (name, kind, d, _), t, mem in zip(variants, times, memory):
+        sec = float(np.median(t))
+        first = first or sec
+        model_flops = (2 * flops.forward_flops(cfg, args.batch, args.seq, logits=True) if kind == "baseline" else
+                       flops.train_step_flops(cfg, koff_config(args, d), args.batch, args.seq, recompute=False))
+        print(f"| {name} | {sec:.2f} | {tokens / sec:.0f} | {model_flops / sec / 1e9:.1f} | "
+              f"{100 * model_flops / sec / peak:.0f}% | {first / sec:.2f}x | {mem['peak_bytes'] / 2**30:.2f} |")
+    print("vs first row = first row's time / this row's time (higher is faster)")
+    if args.against:
+        new, old = int(not args.no_baseline), len(variants) - 1
+        print(f"KOFF step at D={domains[0]}: {np.median(times[old]) / np.median(times[new]):.2f}x the speed of "
+              f"{args.against}, {memory[new]['peak_bytes'] / memory[old]['peak_bytes']:.2f}x its peak memory")
 
 
 if __name__ == "__main__":
