@@ -39,7 +39,7 @@ def koff_config(args, num_domains: int):
     from sparsemem.koff.config import KoffConfig
 
     return KoffConfig(num_domains=num_domains, memory_init="random", memory_slots=args.slots, lora_rank=args.rank,
-                      lora_targets=tuple(args.lora_targets.split(",")))
+                      lora_targets=tuple(args.lora_targets.split(",")), remat=args.remat)
 
 
 def baseline_step(decoder, batch: dict):
@@ -99,6 +99,7 @@ def main():
     parser.add_argument("--slots", type=int, default=16, help="KV memory slots")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
     parser.add_argument("--lora-targets", default=ALL_PROJECTIONS)
+    parser.add_argument("--remat", default="none", choices=("none", "full", "dots"), help="decoder remat (KOFF)")
     parser.add_argument("--against", help="also time the KOFF step (first --domains) of this git revision")
     parser.add_argument("--no-baseline", action="store_true", help="skip the frozen forward+backward")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -113,7 +114,7 @@ def main():
     cfg = preset("gemma-3-270m")
     peak, peak_source = hardware.peak_flops("float32")
     shape = ["--batch", str(args.batch), "--seq", str(args.seq), "--slots", str(args.slots), "--rank", str(args.rank),
-             "--lora-targets", args.lora_targets]
+             "--lora-targets", args.lora_targets, "--remat", args.remat]
     domains = [int(d) for d in args.domains.split(",")]
     variants = [] if args.no_baseline else [("frozen forward+backward", "baseline", domains[0], None)]
     variants += [(f"KOFF step, D={d}", "koff", d, None) for d in domains]
@@ -127,8 +128,8 @@ def main():
     memory = [p.close() for p in procs]
     tokens = args.batch * args.seq
     print(f"Gemma-3-270M (embedded weights), float32, CPU, batch {args.batch} x {args.seq}; KOFF: "
-          f"M={args.slots} KV slots, LoRA r={args.rank} on {args.lora_targets}; median of {args.rounds} interleaved "
-          f"rounds, one process per variant; peak {peak / 1e9:.0f} GFLOP/s ({peak_source})")
+          f"M={args.slots} KV slots, LoRA r={args.rank} on {args.lora_targets}, remat {args.remat}; median of "
+          f"{args.rounds} interleaved rounds, one process per variant; peak {peak / 1e9:.0f} GFLOP/s ({peak_source})")
     print("| step | s/step | tokens/s | GFLOP/s | % of peak | vs first row | peak RSS GiB |")
     print("|---|---|---|---|---|---|---|")
     first = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,10 +22,11 @@ import hardware
 
 
 def package_at(rev: str) -> str:
-    """A temporary folder holding `sparsemem/` as of git revision `rev` (for PYTHONPATH)."""
+    """A temporary folder holding `sparsemem/` as of git revision `rev` (for PYTHONPATH); removed at exit."""
     root = subprocess.run(["git", "rev-parse", "--show-toplevel"], check=True, capture_output=True, text=True,
                           cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     folder = tempfile.mkdtemp(prefix=f"sparsemem-{rev.replace('/', '_')}-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     archive = subprocess.run(["git", "archive", rev, "sparsemem"], check=True, capture_output=True, cwd=root).stdout
     subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
     return folder
