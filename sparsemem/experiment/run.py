@@ -29,7 +29,7 @@ from sparsemem.experiment.metrics import MetricsLog
 from sparsemem.experiment.report import write_report
 from sparsemem.experiment.rundir import RunDir, Timer
 from sparsemem.train.loop import train
-from sparsemem.train.trainer import KoffTrainer
+from sparsemem.train.trainer import KoffTrainer, after_memory
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +50,8 @@ def _train_variant(run: RunDir, config, trainer: KoffTrainer, variant: str, corp
     kcfg = trainer.kcfg
     steps = config.train.steps if kcfg.has_memory else kcfg.gate_steps  # nothing trains under a frozen mask
     checkpointer = RunCheckpointer(run.path / "checkpoints" / variant, max_to_keep=2)
-    batches = setup.AfterMemory(pipeline.train_batches(corpus.train, tokenizer, seq_len=config.data.seq_len,
-                                                       batch_size=config.data.batch_size, seed=config.data.seed),
-                                config.koff.memory_slots)
+    batches = pipeline.train_batches(corpus.train, tokenizer, seq_len=config.data.seq_len,
+                                     batch_size=config.data.batch_size, seed=config.data.seed)
     restored = checkpointer.restore_newest_readable(trainer.abstract_state)
     if restored is not None:
         state, data_state = restored
@@ -129,7 +128,7 @@ def _run_phases(run: RunDir, config, mesh, decoder, tokenizer, corpus: setup.Cor
 
 def _evaluate(config, trainer, corpus, tokenizer, masks, tables, lora_scales) -> dict:
     e = config.eval
-    batches = [setup.after_memory(b, config.koff.memory_slots)
+    batches = [after_memory(b, config.koff.memory_slots)
                for b in pipeline.eval_batches(corpus.held_out, tokenizer, seq_len=config.data.seq_len,
                                               batch_size=e.batch_size)]
     questions = {}

@@ -76,11 +76,15 @@ def expected_sparsity(cfg: ModelConfig, log_alphas: dict[str, jax.Array], over: 
     return sparsity(cfg, remaining_params(cfg, keep_probs(log_alphas)), over)
 
 
-def target_at(step: jax.Array, target: float, warmup_steps: int) -> jax.Array:
-    """Sparsity target at `step`: linear from 0 to `target` over `warmup_steps`, then flat."""
+def target_at(step: jax.Array, target: float, warmup_steps: int, start: float = 0.0) -> jax.Array:
+    """Sparsity target at `step`: linear from `start` to `target` over `warmup_steps`, then flat.
+
+    Start at the gates' initial expected sparsity: a ramp from 0 lies below it, so
+    the controller would first push the gates the wrong way.
+    """
     if warmup_steps <= 0:
         return jnp.asarray(target, jnp.float32)
-    return target * jnp.minimum(jnp.asarray(step, jnp.float32) / warmup_steps, 1.0)
+    return start + (target - start) * jnp.minimum(jnp.asarray(step, jnp.float32) / warmup_steps, 1.0)
 
 
 def deterministic_masks(cfg: ModelConfig, log_alphas: dict[str, jax.Array], target: jax.Array | float,

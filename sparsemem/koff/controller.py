@@ -1,0 +1,99 @@
+"""The sparsity controller: keeps the gates' expected sparsity on its schedule.
+
+Adam normalises each gate's step, so a Lagrangian's multipliers set only the sign
+of a gate's move, not its size; the expected sparsity then lags and overshoots
+(docs/experiments.md, "Gate dynamics"). The default controller, `project`, keeps
+the constraint out of the optimiser: after each gate step on the language-model
+gradient alone, every `log_alpha` of a unit type (query heads with their KV heads
+and attention blocks; MLP neurons with MLP blocks) is shifted by one scalar, found
+by bisection, so that the type's expected removed fraction of parameters equals
+the scheduled target, and clamped to `[-clamp, clamp]`. The optimiser decides which
+units go (the order of `log_alpha` within a type), the projection how many. In the
+last steps `polarising_factor` spreads the gates to the clamp ends, so the sampled
+gates become the deterministic mask.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from sparsemem.koff import sparsity
+from sparsemem.koff.gates import keep_prob, prob_one
+from sparsemem.models.config import ModelConfig
+
+# Gate arrays of each unit type: a block gate scales every unit of its block.
+UNIT_TYPES = {"head": ("head", "attn"), "neuron": ("neuron", "mlp")}
+BISECTION_STEPS = 40  # halves a bracket of width 4 * clamp to ~1e-11: float32-exact
+
+
+def _only(log_alphas: dict[str, jax.Array], unit_type: str) -> dict[str, jax.Array]:
+    """Keep probabilities with every unit of the other type removed (its params drop out of `remaining`)."""
+    keep = sparsity.keep_probs(log_alphas)
+    other = "neuron" if unit_type == "head" else "head"
+    return {**keep, other: jnp.zeros_like(keep[other])}
+
+
+def type_params(cfg: ModelConfig) -> dict[str, float]:
+    """Prunable parameters owned by each unit type (a head type owns the KV heads too)."""
+    counts = sparsity.ParamCounts.of(cfg)
+    neuron = float(cfg.num_layers * cfg.d_ff * counts.neuron)
+    return {"head": float(counts.prunable) - neuron, "neuron": neuron}
+
+
+def type_fraction(cfg: ModelConfig, target: jax.Array | float, over: str) -> jax.Array:
+    """The fraction of each type's params to remove so that the sparsity over `over` params is `target`."""
+    counts = sparsity.ParamCounts.of(cfg)
+    denominator = float(counts.prunable if over == "prunable" else counts.total)
+    return jnp.asarray(target, jnp.float32) * denominator / float(counts.prunable)
+
+
+def removed_fraction(cfg: ModelConfig, log_alphas: dict[str, jax.Array], unit_type: str) -> jax.Array:
+    """Expected fraction of `unit_type`'s params removed under independent gates."""
+    return 1.0 - sparsity.remaining_params(cfg, _only(log_alphas, unit_type)) / type_params(cfg)[unit_type]
+
+
+def project(cfg: ModelConfig, log_alphas: dict[str, jax.Array], target: jax.Array | float, over: str,
+            clamp: float) -> dict[str, jax.Array]:
+    """`log_alphas` shifted per unit type (one scalar each, by bisection) and clamped to `[-clamp, clamp]`,
+    so that each type's expected removed fraction, and hence the expected sparsity, equals `target`.
+
+    The removed fraction falls monotonically in the shift, so bisection over
+    `[-2 clamp, 2 clamp]` (every unit at either clamp end) converges. A target past
+    what the clamp allows ends at that end. Jittable.
+    """
+    fraction = type_fraction(cfg, target, over)
+    out = dict(log_alphas)
+    for unit_type, names in UNIT_TYPES.items():
+        names = [n for n in names if n in log_alphas]
+
+        def shifted(c, names=names):
+            return {**out, **{n: jnp.clip(log_alphas[n] + c, -clamp, clamp) for n in names}}
+
+        def halve(_, bracket, unit_type=unit_type, shifted=shifted):
+            lo, hi = bracket
+            mid = (lo + hi) / 2
+            too_sparse = removed_fraction(cfg, shifted(mid), unit_type) > fraction
+            return jnp.where(too_sparse, mid, lo), jnp.where(too_sparse, hi, mid)
+
+        lo, hi = jax.lax.fori_loop(0, BISECTION_STEPS, halve, (jnp.float32(-2 * clamp), jnp.float32(2 * clamp)))
+        out = shifted((lo + hi) / 2)
+    return out
+
+
+def polarising_factor(step: jax.Array, gate_steps: int, polarise_steps: int, growth: float) -> jax.Array:
+    """The factor on every `log_alpha` at `step`: 1, then `growth ** (1 / polarise_steps)` in the last steps.
+
+    Scaling all `log_alpha` spreads them apart in the order they have; the projection
+    that follows removes the shift part, so the scaling's centre does not matter.
+    """
+    if polarise_steps <= 0:
+        return jnp.float32(1.0)
+    return jnp.where(step >= gate_steps - polarise_steps, jnp.float32(growth ** (1.0 / polarise_steps)), 1.0)
+
+
+def polarised_fraction(log_alphas: dict[str, jax.Array], threshold: float = 0.1) -> jax.Array:
+    """Fraction of gated units that are nearly decided: P(z > 0) < threshold or P(z = 1) > 1 - threshold."""
+    decided = [jnp.sum((keep_prob(la) < threshold) | (prob_one(la) > 1.0 - threshold))
+               for la in jax.tree.leaves(log_alphas)]
+    return sum(decided) / sparsity.num_units(log_alphas)
