@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from sparsemem.koff import sparsity
+from sparsemem.koff.config import KoffConfig
 from sparsemem.koff.gates import keep_prob, prob_one
 from sparsemem.models.config import ModelConfig
 
@@ -34,23 +36,9 @@ def _only(log_alphas: dict[str, jax.Array], unit_type: str) -> dict[str, jax.Arr
     return {**keep, other: jnp.zeros_like(keep[other])}
 
 
-def type_params(cfg: ModelConfig) -> dict[str, float]:
-    """Prunable parameters owned by each unit type (a head type owns the KV heads too)."""
-    counts = sparsity.ParamCounts.of(cfg)
-    neuron = float(cfg.num_layers * cfg.d_ff * counts.neuron)
-    return {"head": float(counts.prunable) - neuron, "neuron": neuron}
-
-
-def type_fraction(cfg: ModelConfig, target: jax.Array | float, over: str) -> jax.Array:
-    """The fraction of each type's params to remove so that the sparsity over `over` params is `target`."""
-    counts = sparsity.ParamCounts.of(cfg)
-    denominator = float(counts.prunable if over == "prunable" else counts.total)
-    return jnp.asarray(target, jnp.float32) * denominator / float(counts.prunable)
-
-
 def removed_fraction(cfg: ModelConfig, log_alphas: dict[str, jax.Array], unit_type: str) -> jax.Array:
     """Expected fraction of `unit_type`'s params removed under independent gates."""
-    return 1.0 - sparsity.remaining_params(cfg, _only(log_alphas, unit_type)) / type_params(cfg)[unit_type]
+    return 1.0 - sparsity.remaining_params(cfg, _only(log_alphas, unit_type)) / sparsity.type_params(cfg)[unit_type]
 
 
 def project(cfg: ModelConfig, log_alphas: dict[str, jax.Array], target: jax.Array | float, over: str,
@@ -62,7 +50,7 @@ def project(cfg: ModelConfig, log_alphas: dict[str, jax.Array], target: jax.Arra
     `[-2 clamp, 2 clamp]` (every unit at either clamp end) converges. A target past
     what the clamp allows ends at that end. Jittable.
     """
-    fraction = type_fraction(cfg, target, over)
+    fraction = sparsity.removal_budget(cfg, target, over) / float(sparsity.ParamCounts.of(cfg).prunable)
     out = dict(log_alphas)
     for unit_type, names in UNIT_TYPES.items():
         names = [n for n in names if n in log_alphas]
@@ -90,6 +78,16 @@ def polarising_factor(step: jax.Array, gate_steps: int, polarise_steps: int, gro
     if polarise_steps <= 0:
         return jnp.float32(1.0)
     return jnp.where(step >= gate_steps - polarise_steps, jnp.float32(growth ** (1.0 / polarise_steps)), 1.0)
+
+
+def projected_update(cfg: ModelConfig, kcfg: KoffConfig, tx: optax.GradientTransformation,
+                     log_alphas: dict[str, jax.Array], opt_state: optax.OptState, lm_grads: dict[str, jax.Array],
+                     step: jax.Array, target: jax.Array) -> tuple[dict[str, jax.Array], optax.OptState]:
+    """One gate step: `tx` on the LM gradient alone, the polarising spread, then the projection onto `target`."""
+    updates, opt_state = tx.update(lm_grads, opt_state, log_alphas)
+    spread = polarising_factor(step, kcfg.gate_steps, kcfg.polarise_steps, kcfg.polarise_growth)
+    stepped = jax.tree.map(lambda la: la * spread, optax.apply_updates(log_alphas, updates))
+    return project(cfg, stepped, target, kcfg.sparsity_over, kcfg.log_alpha_clamp), opt_state
 
 
 def polarised_fraction(log_alphas: dict[str, jax.Array], threshold: float = 0.1) -> jax.Array:

@@ -323,13 +323,9 @@ class KoffTrainer:
         return new_state, metrics
 
     def _projected_gate_update(self, state: TrainState, g_gates, target):
-        """Step the gates on the LM gradient alone (Adam), spread them in the polarisation steps, then project
-        them onto the scheduled expected sparsity."""
-        kcfg = self.kcfg
-        updates, gate_opt = self.gate_tx.update(g_gates, state.gate_opt, state.gates)
-        spread = controller.polarising_factor(state.step, kcfg.gate_steps, kcfg.polarise_steps, kcfg.polarise_growth)
-        gates = jax.tree.map(lambda la: la * spread, optax.apply_updates(state.gates, updates))
-        gates = controller.project(self.cfg, gates, target, kcfg.sparsity_over, kcfg.log_alpha_clamp)
+        """Step the gates on the LM gradient alone, then project them onto the scheduled expected sparsity."""
+        gates, gate_opt = controller.projected_update(self.cfg, self.kcfg, self.gate_tx, state.gates, state.gate_opt,
+                                                      g_gates, state.step, target)
         return jnp.zeros(()), gates, gate_opt, state.multipliers, state.lambda_opt
 
     def _lagrangian_gate_update(self, state: TrainState, g_gates, target):
