@@ -24,6 +24,7 @@ from sparsemem.evaluation import multiple_choice, settings as settings_lib, suit
 from sparsemem.evaluation.scoring import Scorer
 from sparsemem.experiment import setup
 from sparsemem.experiment.config import koff_config
+from sparsemem.experiment.controller_report import save_gates
 from sparsemem.experiment.export import export_variant, load_mask
 from sparsemem.experiment.metrics import MetricsLog
 from sparsemem.experiment.report import write_report
@@ -107,6 +108,7 @@ def _run_phases(run: RunDir, config, mesh, decoder, tokenizer, corpus: setup.Cor
         with Timer(run, f"train_{variant}"):
             state = _train_variant(run, config, trainer, variant, corpus, tokenizer)
         masks[variant] = export_variant(run, variant, trainer, state, names)
+        save_gates(run, variant, jax.device_get(state.gates))
         tables[variant] = state.memory
         lora_scales[variant] = kcfg.lora_scale
         trainers[variant] = trainer

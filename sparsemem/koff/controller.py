@@ -8,12 +8,19 @@ gradient alone, every `log_alpha` of a unit type (query heads with their KV head
 and attention blocks; MLP neurons with MLP blocks) is shifted by one scalar, found
 by bisection, so that the type's expected removed fraction of parameters equals
 the scheduled target, and clamped to `[-clamp, clamp]`. The optimiser decides which
-units go (the order of `log_alpha` within a type), the projection how many. In the
+units go (the order of `log_alpha` within a type), the projection how many. The
+gates' optimiser (`array_adam`) normalises by one second moment per gate array, not
+per unit: a unit moves in proportion to its own evidence, so a unit the LM does not
+need (zero gradient) sinks with the shift below the units it needs, instead of
+keeping pace with them as under per-unit Adam, which steps every unit at full speed
+whatever the size of its gradient. In the
 last steps `polarising_factor` spreads the gates to the clamp ends, so the sampled
 gates become the deterministic mask.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +46,33 @@ def _only(log_alphas: dict[str, jax.Array], unit_type: str) -> dict[str, jax.Arr
 def removed_fraction(cfg: ModelConfig, log_alphas: dict[str, jax.Array], unit_type: str) -> jax.Array:
     """Expected fraction of `unit_type`'s params removed under independent gates."""
     return 1.0 - sparsity.remaining_params(cfg, _only(log_alphas, unit_type)) / sparsity.type_params(cfg)[unit_type]
+
+
+class ArrayAdamState(NamedTuple):
+    count: jax.Array
+    mu: dict[str, jax.Array]  # per unit
+    nu: dict[str, jax.Array]  # one scalar per gate array
+
+
+def array_adam(learning_rate: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+               ) -> optax.GradientTransformation:
+    """Adam whose second moment is the mean square over each whole array: scale-free across model
+    sizes like Adam, but the units of an array keep the ratios of their gradients."""
+
+    def init(params):
+        return ArrayAdamState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.zeros_like, params),
+                              jax.tree.map(lambda p: jnp.zeros((), p.dtype), params))
+
+    def update(grads, state, params=None):
+        del params
+        count = state.count + 1
+        mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, grads)
+        nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.mean(jnp.square(g)), state.nu, grads)
+        c1, c2 = 1 - b1 ** count.astype(jnp.float32), 1 - b2 ** count.astype(jnp.float32)
+        updates = jax.tree.map(lambda m, v: -learning_rate * (m / c1) / (jnp.sqrt(v / c2) + eps), mu, nu)
+        return updates, ArrayAdamState(count, mu, nu)
+
+    return optax.GradientTransformation(init, update)
 
 
 def project(cfg: ModelConfig, log_alphas: dict[str, jax.Array], target: jax.Array | float, over: str,
@@ -83,7 +117,7 @@ def polarising_factor(step: jax.Array, gate_steps: int, polarise_steps: int, gro
 def projected_update(cfg: ModelConfig, kcfg: KoffConfig, tx: optax.GradientTransformation,
                      log_alphas: dict[str, jax.Array], opt_state: optax.OptState, lm_grads: dict[str, jax.Array],
                      step: jax.Array, target: jax.Array) -> tuple[dict[str, jax.Array], optax.OptState]:
-    """One gate step: `tx` on the LM gradient alone, the polarising spread, then the projection onto `target`."""
+    """One gate step: `tx` on the LM gradient, the polarising spread, then the projection onto `target`."""
     updates, opt_state = tx.update(lm_grads, opt_state, log_alphas)
     spread = polarising_factor(step, kcfg.gate_steps, kcfg.polarise_steps, kcfg.polarise_growth)
     stepped = jax.tree.map(lambda la: la * spread, optax.apply_updates(log_alphas, updates))

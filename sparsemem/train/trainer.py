@@ -105,7 +105,8 @@ class KoffTrainer:
         self.backbone = (jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), backbone,
                                       self.backbone_shardings) if abstract
                          else jax.device_put(backbone, self.backbone_shardings))
-        self.gate_tx = optax.adam(kcfg.gate_lr, b1=kcfg.adam_b1, b2=kcfg.adam_b2, eps=kcfg.adam_eps)
+        adam = controller.array_adam if kcfg.controller == "projection" else optax.adam
+        self.gate_tx = adam(kcfg.gate_lr, b1=kcfg.adam_b1, b2=kcfg.adam_b2, eps=kcfg.adam_eps)
         self.lambda_tx = optax.sgd(kcfg.lambda_lr)  # fed negated gradients: ascent
         # Where the target ramp starts: the expected sparsity of the initial gates (without jitter).
         initial = gates_lib.log_alpha_for(kcfg.init_keep_prob)
