@@ -23,7 +23,7 @@ from sparsemem.data import pipeline
 from sparsemem.evaluation import multiple_choice, settings as settings_lib, suite
 from sparsemem.evaluation.scoring import Scorer
 from sparsemem.experiment import setup
-from sparsemem.experiment.config import koff_config
+from sparsemem.experiment.config import MASK_FROM, koff_config
 from sparsemem.experiment.controller_report import save_gates
 from sparsemem.experiment.export import export_variant, load_mask
 from sparsemem.experiment.metrics import MetricsLog
@@ -104,7 +104,8 @@ def _run_phases(run: RunDir, config, mesh, decoder, tokenizer, corpus: setup.Cor
     trainers, masks, tables, lora_scales = {}, {}, {}, {}
     for variant in config.train.variants:
         kcfg = koff_config(config, D, variant)
-        trainer = KoffTrainer(decoder, kcfg, mesh)
+        fixed_mask = masks[MASK_FROM[variant]] if variant in MASK_FROM else None  # the sequential ablation
+        trainer = KoffTrainer(decoder, kcfg, mesh, fixed_mask=fixed_mask)
         with Timer(run, f"train_{variant}"):
             state = _train_variant(run, config, trainer, variant, corpus, tokenizer)
         masks[variant] = export_variant(run, variant, trainer, state, names)
