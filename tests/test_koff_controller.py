@@ -5,7 +5,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from sparsemem.koff import controller, sparsity
@@ -45,7 +44,7 @@ def test_projection_puts_each_unit_type_on_target_and_keeps_the_order(cfg, block
 
 def synthetic_run(cfg, kcfg, lm_scale, seed=0):
     """Expected sparsity and target per step with gates driven by a fixed random LM gradient plus noise."""
-    tx = optax.adam(kcfg.gate_lr)
+    tx = controller.array_adam(kcfg.gate_lr)  # what the trainer steps the gates with under the projection
     init = jax.tree.map(lambda x: jnp.full_like(x, 2.99), random_log_alphas(cfg, jax.random.key(0)))
     fixed = jax.tree.map(lambda x: lm_scale * x, random_log_alphas(cfg, jax.random.key(seed + 1)))
     start = float(sparsity.expected_sparsity(cfg, init))
@@ -86,3 +85,13 @@ def test_polarising_factor_spreads_only_the_last_steps():
 def test_polarised_fraction_counts_decided_units():
     la = {"head": jnp.array([[-5.0, 5.0, 0.0, 4.0]]), "neuron": jnp.array([[-4.0, 1.0]])}
     np.testing.assert_allclose(controller.polarised_fraction(la), 4 / 6)
+
+
+def test_array_adam_keeps_gradient_ratios_within_an_array():
+    tx = controller.array_adam(0.1)
+    params = {"a": jnp.zeros(4), "b": jnp.zeros(2)}
+    grads = {"a": jnp.array([0.0, 1.0, 2.0, -4.0]), "b": jnp.array([1e-6, -1e-6])}
+    updates, _ = tx.update(grads, tx.init(params))
+    rms = np.sqrt(np.mean(np.square(grads["a"])))
+    np.testing.assert_allclose(updates["a"], -0.1 * grads["a"] / rms, rtol=1e-5)  # a zero gradient: no move
+    np.testing.assert_allclose(updates["b"], [-0.1, 0.1], rtol=0.02)  # scale-free across arrays (eps aside), like Adam

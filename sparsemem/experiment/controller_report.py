@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
+from sparsemem.experiment.config import MASK_FROM
 from sparsemem.experiment.rundir import RunDir
 from sparsemem.koff import gates as gates_lib
 
@@ -70,6 +71,8 @@ def plot_controller(metrics: list[dict], gates: dict[str, dict[str, np.ndarray]]
 
 def controller_section(run: RunDir, variants, metrics: list[dict], plots) -> list[str]:
     """Markdown lines of the controller section (and `plots/controller.png`); empty without metrics."""
+    variants = [v for v in variants if v not in MASK_FROM]  # trained on another variant's mask: no gates of their own
+    metrics = [m for m in metrics if m["variant"] in variants]
     if not metrics:
         return []
     gates = {v: g for v in variants if (g := _load_gates(run, v)) is not None}

@@ -28,7 +28,7 @@ import optax
 
 from sparsemem.koff import sparsity
 from sparsemem.koff.config import KoffConfig
-from sparsemem.koff.gates import keep_prob, prob_one
+from sparsemem.koff import gates as gates_lib
 from sparsemem.models.config import ModelConfig
 
 # Gate arrays of each unit type: a block gate scales every unit of its block.
@@ -46,6 +46,20 @@ def _only(log_alphas: dict[str, jax.Array], unit_type: str) -> dict[str, jax.Arr
 def removed_fraction(cfg: ModelConfig, log_alphas: dict[str, jax.Array], unit_type: str) -> jax.Array:
     """Expected fraction of `unit_type`'s params removed under independent gates."""
     return 1.0 - sparsity.remaining_params(cfg, _only(log_alphas, unit_type)) / sparsity.type_params(cfg)[unit_type]
+
+
+def initial_sparsity(cfg: ModelConfig, kcfg: KoffConfig) -> float:
+    """The expected sparsity of the initial gates (before jitter): where the target ramp starts.
+
+    A ramp from 0 would lie below it, and the controller would first push the gates the wrong way.
+    """
+    L = cfg.num_layers
+    shapes = {"head": (L, cfg.num_heads), "neuron": (L, cfg.d_ff)}
+    if kcfg.block_gates:
+        shapes.update(attn=(L,), mlp=(L,))
+    initial = gates_lib.log_alpha_for(kcfg.init_keep_prob)
+    return float(sparsity.expected_sparsity(cfg, {k: jnp.full(s, initial) for k, s in shapes.items()},
+                                            kcfg.sparsity_over))
 
 
 class ArrayAdamState(NamedTuple):
@@ -126,6 +140,6 @@ def projected_update(cfg: ModelConfig, kcfg: KoffConfig, tx: optax.GradientTrans
 
 def polarised_fraction(log_alphas: dict[str, jax.Array], threshold: float = 0.1) -> jax.Array:
     """Fraction of gated units that are nearly decided: P(z > 0) < threshold or P(z = 1) > 1 - threshold."""
-    decided = [jnp.sum((keep_prob(la) < threshold) | (prob_one(la) > 1.0 - threshold))
+    decided = [jnp.sum((gates_lib.keep_prob(la) < threshold) | (gates_lib.prob_one(la) > 1.0 - threshold))
                for la in jax.tree.leaves(log_alphas)]
     return sum(decided) / sparsity.num_units(log_alphas)

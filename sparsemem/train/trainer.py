@@ -108,13 +108,7 @@ class KoffTrainer:
         adam = controller.array_adam if kcfg.controller == "projection" else optax.adam
         self.gate_tx = adam(kcfg.gate_lr, b1=kcfg.adam_b1, b2=kcfg.adam_b2, eps=kcfg.adam_eps)
         self.lambda_tx = optax.sgd(kcfg.lambda_lr)  # fed negated gradients: ascent
-        # Where the target ramp starts: the expected sparsity of the initial gates (without jitter).
-        initial = gates_lib.log_alpha_for(kcfg.init_keep_prob)
-        start = {"head": jnp.full((self.cfg.num_layers, self.cfg.num_heads), initial),
-                 "neuron": jnp.full((self.cfg.num_layers, self.cfg.d_ff), initial)}
-        if kcfg.block_gates:
-            start.update(attn=jnp.full((self.cfg.num_layers,), initial), mlp=jnp.full((self.cfg.num_layers,), initial))
-        self.start_sparsity = float(sparsity.expected_sparsity(self.cfg, start, kcfg.sparsity_over))
+        self.start_sparsity = controller.initial_sparsity(self.cfg, kcfg)  # where the target ramp starts
 
         rep = NamedSharding(self.mesh, PartitionSpec())
         abstract = jax.eval_shape(self._fresh_state)
