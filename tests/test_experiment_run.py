@@ -42,6 +42,9 @@ def test_run_writes_every_artefact(ci_run):
         with np.load(ci_run / "export" / variant / "mask.npz") as mask:
             assert set(mask) == {"head", "neuron"} and set(np.unique(mask["neuron"])) <= {0.0, 1.0}
         assert (ci_run / "export" / variant / "gates.npz").exists()
+        if variant != "prune_then_memory":  # no gates of its own
+            gap = json.loads((ci_run / "export" / variant / "controller.json").read_text())
+            assert np.isclose(gap["gap"], gap["sampled"] - gap["deterministic"]) and gap["deterministic"] > 0
     with np.load(ci_run / "export" / "prune_only" / "mask.npz") as pruned, \
             np.load(ci_run / "export" / "prune_then_memory" / "mask.npz") as sequential:
         assert all(np.array_equal(pruned[k], sequential[k]) for k in ("head", "neuron"))  # trained on that mask
