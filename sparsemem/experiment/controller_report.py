@@ -12,13 +12,15 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from sparsemem.experiment.config import MASK_FROM
+from sparsemem.experiment.export import _save_npz as save_npz
 from sparsemem.experiment.rundir import RunDir
 from sparsemem.koff import gates as gates_lib
 
 
 def save_gates(run: RunDir, variant: str, log_alphas: dict) -> None:
-    """Write the variant's final `log_alpha` arrays to `export/<variant>/gates.npz`."""
-    np.savez(run.file("export", variant, "gates.npz"), **{k: np.asarray(v) for k, v in log_alphas.items()})
+    """Write the variant's final `log_alpha` arrays to `export/<variant>/gates.npz` (process 0 only, atomically)."""
+    if run.primary:
+        save_npz(run.file("export", variant, "gates.npz"), {k: np.asarray(v) for k, v in log_alphas.items()})
 
 
 def mask_gap(scorer, log_alphas: dict, masks: dict, memory: dict | None, lora_scale: float, batches,
@@ -63,7 +65,9 @@ def controller_rows(metrics: list[dict], gates: dict[str, dict[str, np.ndarray]]
     for variant in sorted({m["variant"] for m in metrics}):
         steps = [m for m in metrics if m["variant"] == variant]
         final = steps[-1]
-        flat = [m for m in steps if abs(m["target"] - final["target"]) < 1e-9]  # the schedule's flat part
+        # The schedule's flat part, less its first step: a step's metric is taken before its update, so the
+        # first step at the final target still shows the gates projected onto the previous step's target.
+        flat = [m for m in steps if abs(m["target"] - final["target"]) < 1e-9][1:] or [final]
         gap = max(abs(m["expected_sparsity"] - m["target"]) for m in flat)
         log_alphas = gates.get(variant)
         polarised = polarised_fraction(log_alphas) if log_alphas else final.get("polarised", float("nan"))
