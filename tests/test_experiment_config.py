@@ -39,6 +39,9 @@ def test_override_parses_types_and_promotes_int_to_float():
     ("koff.lora_targets=('q', 'x')", "unknown lora_targets ['x']"),
     ("koff.gate_fraction=0", "gate_fraction=0.0 must be in (0, 1]"),
     ("eval.mc_tasks=('summary',)", "unknown tasks ['summary']"),
+    ("train.variants=('koff', 'prune_then_memory', 'prune_only')", "'prune_only' must come before it"),
+    ("koff.controller=pid", "controller='pid' must be 'projection' or 'lagrangian'"),
+    ("koff.log_alpha_clamp=3.0", "log_alpha_clamp=3.0 must be > 4"),
 ])
 def test_bad_override_is_refused_naming_the_key(override, message):
     with pytest.raises(ValueError, match=None) as error:

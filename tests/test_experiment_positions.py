@@ -1,15 +1,17 @@
-"""Text follows the memory: with positions shifted past the slots, prefill memory acts exactly like a prefix."""
+"""Text follows the memory: with positions shifted past the slots, prefill memory acts exactly like a prefix.
+
+The trainer shifts its own batches; scoring callers shift with `after_memory`.
+"""
 
 import numpy as np
 import pytest
 from flax import nnx
 
 from sparsemem.evaluation.scoring import Scorer
-from sparsemem.experiment.setup import AfterMemory, after_memory
 from sparsemem.koff.config import KoffConfig
 from sparsemem.models.config import preset
 from sparsemem.models.decoder import Decoder
-from sparsemem.train.trainer import KoffTrainer
+from sparsemem.train.trainer import KoffTrainer, after_memory
 
 CFG = preset("gemma-3-270m").replace(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=64,
                                      vocab_size=300)
@@ -29,11 +31,11 @@ def setup():
     prefix = np.random.default_rng(1).integers(3, 300, (2, M))
     trainer = KoffTrainer(decoder, KoffConfig(num_domains=2, memory_slots=M, lora_rank=0, lora_targets=()))
     state = trainer.init(prefix)  # memory = the model's own keys/values over `prefix`, positions 0..M-1
-    return Scorer(trainer), prefix, state.memory
+    return Scorer(trainer), prefix, state.memory, trainer, state
 
 
 def test_shift_changes_nothing_without_memory(setup):
-    scorer, _, _ = setup
+    scorer, *_ = setup
     text = np.random.default_rng(2).integers(3, 300, (2, T))
     plain, _ = scorer.row_losses(_batch(text))
     shifted, _ = scorer.row_losses(after_memory(_batch(text), M))
@@ -41,37 +43,26 @@ def test_shift_changes_nothing_without_memory(setup):
 
 
 def test_prefill_memory_after_shift_equals_the_prefix_in_context(setup):
-    scorer, prefix, memory = setup
+    scorer, prefix, memory, _, _ = setup
     text = np.random.default_rng(3).integers(3, 300, (2, T))
     with_memory, _ = scorer.row_losses(after_memory(_batch(text), M), memory=memory)
-    # Reference: the prefix as real context; loss only on the text's own next-token targets.
-    joined = _batch(np.concatenate([prefix, text], axis=1))
-    joined["loss_mask"][:, :M] = 0
-    in_context, _ = scorer.row_losses(joined)
+    in_context = _in_context(scorer, prefix, text)
     np.testing.assert_allclose(with_memory, in_context, rtol=1e-4)
     unshifted, _ = scorer.row_losses(_batch(text), memory=memory)
     # Unshifted, memory keys lie in the text's future: not the prefix (far beyond the shifted run's rounding).
     assert np.abs(unshifted - in_context).max() > 20 * np.abs(with_memory - in_context).max()
 
 
-def test_after_memory_iterator_keeps_the_resumable_state():
-    class Source:
-        def __init__(self):
-            self.i = 0
+def _in_context(scorer, prefix, text):
+    """Row losses with the prefix as real context; loss only on the text's own next-token targets."""
+    joined = _batch(np.concatenate([prefix, text], axis=1))
+    joined["loss_mask"][:, :M] = 0
+    return scorer.row_losses(joined)[0]
 
-        def __next__(self):
-            self.i += 1
-            return {"positions": np.zeros((1, 3), np.int32) + self.i}
 
-        def get_state(self):
-            return {"i": self.i}
-
-        def set_state(self, state):
-            self.i = state["i"]
-
-    batches = AfterMemory(Source(), 4)
-    assert next(batches)["positions"].tolist() == [[5, 5, 5]]
-    state = batches.get_state()
-    second = next(batches)
-    batches.set_state(state)
-    np.testing.assert_array_equal(next(batches)["positions"], second["positions"])
+def test_the_trainer_places_text_after_the_memory_itself(setup):
+    scorer, prefix, _, trainer, state = setup
+    text = np.random.default_rng(4).integers(3, 300, (2, T))
+    # An unshifted batch (positions from 0), as any caller of KoffTrainer passes it; no pruning at target 0.
+    losses = trainer.evaluate(state, [_batch(text)], target=0.0)["loss_memory"]
+    np.testing.assert_allclose(losses, _in_context(scorer, prefix, text) / (T - 1), rtol=1e-4)

@@ -18,7 +18,7 @@ from sparsemem.experiment.metrics import read_metrics
 
 ROOT = pathlib.Path(__file__).parent.parent
 CI = str(ROOT / "experiments" / "configs" / "ci.py")
-STEPS, VARIANTS = 4, ("koff", "prune_only", "lora_only", "kv_only")
+STEPS, VARIANTS = 4, ("koff", "prune_only", "prune_then_memory", "lora_only", "kv_only")
 
 pytestmark = pytest.mark.slow
 
@@ -35,13 +35,19 @@ def test_run_writes_every_artefact(ci_run):
     assert config["train"]["steps"] == STEPS
     metrics = read_metrics(ci_run)
     for variant in VARIANTS:
-        steps = STEPS if variant != "prune_only" else STEPS // 2  # it has nothing to train once the mask is frozen
-        assert [m["step"] for m in metrics if m["variant"] == variant] == list(range(1, steps + 1))
+        assert [m["step"] for m in metrics if m["variant"] == variant] == list(range(1, STEPS + 1))  # joint
         assert list((ci_run / "tensorboard" / variant).glob("events.out.tfevents.*"))
         sparsity = json.loads((ci_run / "export" / variant / "sparsity.json").read_text())
         assert abs(sparsity["prunable"] - config["koff"]["target_sparsity"]) < 0.02
         with np.load(ci_run / "export" / variant / "mask.npz") as mask:
             assert set(mask) == {"head", "neuron"} and set(np.unique(mask["neuron"])) <= {0.0, 1.0}
+        assert (ci_run / "export" / variant / "gates.npz").exists()
+        if variant != "prune_then_memory":  # no gates of its own
+            gap = json.loads((ci_run / "export" / variant / "controller.json").read_text())
+            assert np.isclose(gap["gap"], gap["sampled"] - gap["deterministic"]) and gap["deterministic"] > 0
+    with np.load(ci_run / "export" / "prune_only" / "mask.npz") as pruned, \
+            np.load(ci_run / "export" / "prune_then_memory" / "mask.npz") as sequential:
+        assert all(np.array_equal(pruned[k], sequential[k]) for k in ("head", "neuron"))  # trained on that mask
     with np.load(ci_run / "export" / "koff" / "memory" / "de.npz") as memory:
         assert memory["k"].shape == (2, config["koff"]["memory_slots"], 2, 8)  # [L, M, Hkv, Dh]
         assert memory["q_a"].shape == (2, 32, config["koff"]["lora_rank"])
@@ -53,7 +59,7 @@ def test_run_writes_every_artefact(ci_run):
 
     results = json.loads((ci_run / "eval.json").read_text())
     assert list(results["perplexity"]) == ["dense", "dense_memory", "pruned", "pruned_retrained", "pruned_lora",
-                                           "pruned_kv", "koff"]
+                                           "pruned_kv", "prune_then_memory", "koff"]
     assert "(from KOFF)" not in results["settings"]["pruned_lora"]  # lora_only was trained on its own
     swap = np.array(results["swap"]["perplexity"])
     assert swap.shape == (2, 2)
@@ -68,10 +74,10 @@ def test_run_writes_every_artefact(ci_run):
     analysis = json.loads((ci_run / "analysis.json").read_text())
     assert set(analysis["tests"]) == set(VARIANTS)
     report = (ci_run / "report.md").read_text()
-    for heading in ("## Sparsity", "## Training", "## Held-out perplexity", "## Memory swap", "## Multiple choice",
+    for heading in ("## Sparsity", "## Training", "## Sparsity controller", "## Held-out perplexity", "## Memory swap", "## Multiple choice",
                     "## Language-specific neurons"):
         assert heading in report
-    for png in ("training", "sparsity_per_layer", "swap", "lape"):
+    for png in ("training", "controller", "sparsity_per_layer", "swap", "lape"):
         assert (ci_run / "plots" / f"{png}.png").stat().st_size > 1000
         assert f"plots/{png}.png" in report
 

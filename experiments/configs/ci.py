@@ -1,6 +1,6 @@
 """End-to-end CI run: a random 2-layer decoder with the demo tokenizer on the help corpus; ~1-2 min on CPU.
 
-Exercises every phase (all four trained variants, evaluation, swap matrix, multiple choice,
+Exercises every phase (all five trained variants, evaluation, swap matrix, multiple choice,
 analysis, export, report); its numbers mean nothing.
 """
 
@@ -20,9 +20,8 @@ def get_config():
     c.koff.lora_rank = 2
     c.koff.lora_targets = ("q", "down")
     c.koff.loss_chunk = 256
-    c.koff.gate_fraction = 0.5  # 2 gate steps, then 2 memory steps under the frozen mask
     c.train.steps = 4
-    c.train.variants = ("koff", "prune_only", "lora_only", "kv_only")
+    c.train.variants = ("koff", "prune_only", "prune_then_memory", "lora_only", "kv_only")
     c.train.save_every = 2
     c.train.log_every = 2
     c.eval.paragraphs = 8

@@ -17,16 +17,15 @@ def get_config():
     c.koff.memory_slots = 16
     c.koff.lora_rank = 8
     c.koff.lora_targets = ("q", "v", "o", "down")
-    # 48 steps: the gates train for the first 19 (the target ramps up over 10), then the mask is
-    # frozen at 12% and the memories train under it. Tuned in docs/experiments.md ("Gate dynamics").
+    # 40 steps of joint training (gates, KV memory and LoRA together): the target ramps up over the
+    # first 8, the gates polarise over the last 8 (docs/experiments.md, "Gate dynamics").
     c.koff.warmup_fraction = 0.2
-    c.koff.gate_fraction = 0.4
+    c.koff.polarise_fraction = 0.2
     c.koff.gate_lr = 0.3
     c.koff.memory_lr = 1e-3  # 5e-3 made the train loss worse than no memory (docs/experiments.md)
-    c.koff.lambda_lr = 0.05
-    c.train.steps = 48
-    c.train.variants = ("koff", "prune_only", "lora_only", "kv_only")
-    c.train.save_every = 12
+    c.train.steps = 40
+    c.train.variants = ("koff", "prune_only", "prune_then_memory", "lora_only", "kv_only")
+    c.train.save_every = 10
     c.train.log_every = 4
     c.eval.paragraphs = 16
     c.eval.batch_size = 4

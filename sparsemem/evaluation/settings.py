@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
-SETTINGS = ("dense", "dense_memory", "pruned", "pruned_retrained", "pruned_lora", "pruned_kv", "koff")
+SETTINGS = ("dense", "dense_memory", "pruned", "pruned_retrained", "pruned_lora", "pruned_kv", "prune_then_memory",
+            "koff")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,9 @@ def resolve(variants: tuple[str, ...] | list[str]) -> dict[str, Setting]:
     out["pruned_kv"] = (Setting("pruned_kv", "pruned + KV memory only", "kv_only", "kv_only")
                         if "kv_only" in variants else
                         Setting("pruned_kv", "pruned + KV memory only (from KOFF)", "koff", "koff", ("kv",)))
+    if "prune_then_memory" in variants:
+        out["prune_then_memory"] = Setting("prune_then_memory", "pruned first, then LoRA + KV on that mask",
+                                           "prune_then_memory", "prune_then_memory")
     out["koff"] = Setting("koff", "pruned + LoRA + KV memory (KOFF)", "koff", "koff")
     return out
 

@@ -26,7 +26,10 @@ VARIANTS = {
     "prune_only": {"memory_slots": 0, "lora_rank": 0, "lora_targets": ()},
     "lora_only": {"memory_slots": 0},
     "kv_only": {"lora_rank": 0, "lora_targets": ()},
+    "prune_then_memory": {},  # sequential ablation: memories trained under the final mask of MASK_FROM's variant
 }
+# Variants that train only their memories, under the final mask of another variant (trained before them).
+MASK_FROM = {"prune_then_memory": "prune_only"}
 # KoffConfig fields the experiment derives itself.
 _DERIVED_KOFF = ("num_domains", "total_steps")
 
@@ -194,6 +197,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     unknown = sorted(set(c.train.variants) - set(VARIANTS))
     if unknown or "koff" not in c.train.variants:
         problems.append(f"train.variants={tuple(c.train.variants)} must include 'koff' and only {sorted(VARIANTS)}")
+    variants = list(c.train.variants)
+    for variant, source in MASK_FROM.items():
+        if variant in variants and (source not in variants or variants.index(source) > variants.index(variant)):
+            problems.append(f"train.variants: {variant!r} trains on {source!r}'s mask, so {source!r} must come "
+                            "before it")
     bad = sorted(set(c.eval.mc_settings) - set(SETTINGS))
     if bad:
         problems.append(f"eval.mc_settings has unknown settings {bad}; choose from {sorted(SETTINGS)}")

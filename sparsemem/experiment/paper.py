@@ -35,20 +35,19 @@ def paper_config(name: str, model_dir: str, corpus: Literal["wiki40b", "libreoff
     c.koff.kl_weight = 0.5
     c.koff.gate_lr = 0.05
     c.koff.memory_lr = 1e-3
-    c.koff.lambda_lr = 0.05  # per gated unit (koff/sparsity.py), so it carries over from the 270M demo
     c.koff.warmup_fraction = 0.2
-    c.koff.gate_fraction = 0.5  # then 2000 steps of memory training under the frozen mask
     c.koff.compute_dtype = "bfloat16"
     c.koff.remat = "full"
     c.koff.loss_chunk = 4096
     c.train.steps = 4000
-    c.train.variants = ("koff", "prune_only", "lora_only", "kv_only")
+    c.train.variants = ("koff", "prune_only", "prune_then_memory", "lora_only", "kv_only")
     c.train.save_every = 250
     c.train.log_every = 25
     c.eval.paragraphs = 2000
     c.eval.batch_size = 32
     c.eval.mc_questions = 500
-    c.eval.mc_settings = ("dense", "pruned", "pruned_retrained", "pruned_lora", "pruned_kv", "koff")
+    c.eval.mc_settings = ("dense", "pruned", "pruned_retrained", "pruned_lora", "pruned_kv", "prune_then_memory",
+                         "koff")
     c.analysis.paragraphs = 1000
     c.mesh.data, c.mesh.fsdp, c.mesh.model = mesh
     c.mesh.distributed = True

@@ -9,6 +9,7 @@ from matplotlib.figure import Figure  # no pyplot: no global backend state, work
 
 from sparsemem import files
 from sparsemem.experiment.config import koff_config
+from sparsemem.experiment.controller_report import controller_section
 from sparsemem.experiment.metrics import read_metrics
 from sparsemem.experiment.rundir import RunDir
 
@@ -229,6 +230,7 @@ def write_report(run: RunDir) -> str:
         gate_steps = koff_config(config, num_domains=1).gate_steps
         plot_training(metrics, plots / "training.png", gate_steps)
         out += ["", "## Training", "", "![training curves](plots/training.png)"]
+    out += controller_section(run, config.train.variants, metrics, plots)
     if results:
         out += ["", f"## Held-out perplexity ({config.eval.split} split, up to {config.eval.paragraphs} paragraphs "
                 "per domain)", "", perplexity_table(results), "", *gap_summary(results),

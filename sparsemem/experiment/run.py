@@ -8,6 +8,7 @@ and the report is rewritten every time.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -23,13 +24,14 @@ from sparsemem.data import pipeline
 from sparsemem.evaluation import multiple_choice, settings as settings_lib, suite
 from sparsemem.evaluation.scoring import Scorer
 from sparsemem.experiment import setup
-from sparsemem.experiment.config import koff_config
+from sparsemem.experiment.config import MASK_FROM, koff_config
+from sparsemem.experiment.controller_report import mask_gap, save_controller
 from sparsemem.experiment.export import export_variant, load_mask
 from sparsemem.experiment.metrics import MetricsLog
 from sparsemem.experiment.report import write_report
 from sparsemem.experiment.rundir import RunDir, Timer
 from sparsemem.train.loop import train
-from sparsemem.train.trainer import KoffTrainer
+from sparsemem.train.trainer import KoffTrainer, after_memory
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +52,8 @@ def _train_variant(run: RunDir, config, trainer: KoffTrainer, variant: str, corp
     kcfg = trainer.kcfg
     steps = config.train.steps if kcfg.has_memory else kcfg.gate_steps  # nothing trains under a frozen mask
     checkpointer = RunCheckpointer(run.path / "checkpoints" / variant, max_to_keep=2)
-    batches = setup.AfterMemory(pipeline.train_batches(corpus.train, tokenizer, seq_len=config.data.seq_len,
-                                                       batch_size=config.data.batch_size, seed=config.data.seed),
-                                config.koff.memory_slots)
+    batches = pipeline.train_batches(corpus.train, tokenizer, seq_len=config.data.seq_len,
+                                     batch_size=config.data.batch_size, seed=config.data.seed)
     restored = checkpointer.restore_newest_readable(trainer.abstract_state)
     if restored is not None:
         state, data_state = restored
@@ -102,14 +103,20 @@ def _barrier(name: str):
 def _run_phases(run: RunDir, config, mesh, decoder, tokenizer, corpus: setup.Corpus) -> RunDir:
     names, D = corpus.names, len(corpus.names)
     trainers, masks, tables, lora_scales = {}, {}, {}, {}
+    probe = list(itertools.islice(_held_out_batches(config, corpus, tokenizer), 2))  # sampled vs deterministic mask
     for variant in config.train.variants:
         kcfg = koff_config(config, D, variant)
-        trainer = KoffTrainer(decoder, kcfg, mesh)
+        fixed_mask = masks[MASK_FROM[variant]] if variant in MASK_FROM else None  # the sequential ablation
+        trainer = KoffTrainer(decoder, kcfg, mesh, fixed_mask=fixed_mask)
         with Timer(run, f"train_{variant}"):
             state = _train_variant(run, config, trainer, variant, corpus, tokenizer)
         masks[variant] = export_variant(run, variant, trainer, state, names)
         tables[variant] = state.memory
         lora_scales[variant] = kcfg.lora_scale
+        gates = jax.device_get(state.gates)
+        gap = None if variant in MASK_FROM else mask_gap(Scorer(trainer), gates, masks[variant], state.memory or None,
+                                                         lora_scales[variant], probe, seed=config.data.seed)
+        save_controller(run, variant, gates, gap)
         trainers[variant] = trainer
 
     if run.read_result("eval.json") is None:
@@ -127,11 +134,16 @@ def _run_phases(run: RunDir, config, mesh, decoder, tokenizer, corpus: setup.Cor
     return run
 
 
+def _held_out_batches(config, corpus, tokenizer):
+    """Held-out evaluation batches, text placed after the memory slots (the scorer does not shift)."""
+    for batch in pipeline.eval_batches(corpus.held_out, tokenizer, seq_len=config.data.seq_len,
+                                       batch_size=config.eval.batch_size):
+        yield after_memory(batch, config.koff.memory_slots)
+
+
 def _evaluate(config, trainer, corpus, tokenizer, masks, tables, lora_scales) -> dict:
     e = config.eval
-    batches = [setup.after_memory(b, config.koff.memory_slots)
-               for b in pipeline.eval_batches(corpus.held_out, tokenizer, seq_len=config.data.seq_len,
-                                              batch_size=e.batch_size)]
+    batches = list(_held_out_batches(config, corpus, tokenizer))
     questions = {}
     if e.mc_questions:
         ids = [setup.token_ids(source, tokenizer) for source in corpus.held_out_all]

@@ -114,33 +114,3 @@ def prefill_tokens(train: list[DomainSource], tokenizer: Tokenizer, slots: int) 
                              f"koff.memory_slots={slots} needs more (or set koff.memory_init='random')")
         rows.append(ids[:slots])
     return np.asarray(rows, np.int32)
-
-
-def after_memory(batch: dict[str, np.ndarray], slots: int) -> dict[str, np.ndarray]:
-    """`batch` with positions moved past the `slots` memory slots.
-
-    Prefill-initialised memory keys carry positions 0..slots-1 (the frozen model's
-    own cache over domain text); text placed after them, as after a real prefix,
-    never sees a memory key from its future. RoPE is relative, so without memory
-    the shift changes nothing.
-    """
-    return {**batch, "positions": batch["positions"] + np.int32(slots)}
-
-
-class AfterMemory:
-    """A resumable batch iterator whose batches go through `after_memory`."""
-
-    def __init__(self, batches, slots: int):
-        self.batches, self.slots = batches, slots
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        return after_memory(next(self.batches), self.slots)
-
-    def get_state(self):
-        return self.batches.get_state()
-
-    def set_state(self, state) -> None:
-        self.batches.set_state(state)

@@ -25,6 +25,18 @@ class KoffConfig:
     gate_fraction: float = 1.0
     block_gates: bool = False  # also gate whole attention / MLP blocks per layer
     init_keep_prob: float = 0.99  # P(unit kept) at initialisation: "almost surely kept"
+    init_jitter: float = 0.01  # std of random noise on the initial log_alpha (no two units start tied)
+    # How the expected sparsity follows its schedule (sparsemem/koff/controller.py, docs/experiments.md):
+    # "projection" shifts each unit type's log_alpha after every gate step so it is exactly on
+    # target; "lagrangian" adds the multiplier penalty to the gates' gradient (Louizos et al.).
+    controller: Literal["projection", "lagrangian"] = "projection"
+    log_alpha_clamp: float = 5.0  # |log_alpha| bound; at 5, P(z = 1) = 0.97 and P(z > 0) = 0.03 at the ends
+    # Polarisation (projection controller): over the last `polarise_fraction` of the gate steps every
+    # log_alpha is multiplied by a constant factor per step, `polarise_growth` in all, before the
+    # projection: the order the gates learned is kept while they go to the clamp ends, so the mask
+    # training sees becomes the crisp 0/1 mask that is evaluated (docs/experiments.md).
+    polarise_fraction: float = 0.2
+    polarise_growth: float = 100.0
     # Memory table: M KV slots per layer and KV head, LoRA of rank r on `lora_targets`.
     memory_slots: int = 16
     memory_init: Literal["prefill", "random"] = "prefill"
@@ -60,6 +72,17 @@ class KoffConfig:
             problems.append(f"gate_fraction={self.gate_fraction} must be in (0, 1]")
         if not 0.0 < self.init_keep_prob < 1.0:
             problems.append(f"init_keep_prob={self.init_keep_prob} must be in (0, 1)")
+        if self.controller not in ("projection", "lagrangian"):
+            problems.append(f"controller={self.controller!r} must be 'projection' or 'lagrangian'")
+        if not self.log_alpha_clamp > 4.0:
+            problems.append(f"log_alpha_clamp={self.log_alpha_clamp} must be > 4 (the gates must be able to "
+                            "reach P(z = 1) > 0.9 and P(z > 0) < 0.1)")
+        if not 0.0 <= self.polarise_fraction <= 1.0:
+            problems.append(f"polarise_fraction={self.polarise_fraction} must be in [0, 1]")
+        if self.polarise_growth < 1.0:
+            problems.append(f"polarise_growth={self.polarise_growth} must be >= 1")
+        if self.init_jitter < 0:
+            problems.append(f"init_jitter={self.init_jitter} must be >= 0")
         if self.memory_slots < 0 or self.lora_rank < 0:
             problems.append("memory_slots and lora_rank must be >= 0")
         if self.lora_targets and self.lora_rank == 0:
@@ -91,6 +114,11 @@ class KoffConfig:
     def lora_scale(self) -> float:
         """Multiplier of every LoRA delta of this run (see `lora_scale`)."""
         return lora_scale(self.lora_alpha, self.lora_rank)
+
+    @property
+    def polarise_steps(self) -> int:
+        """The last gate steps, in which the gates are driven to the clamp ends."""
+        return int(round(self.polarise_fraction * self.gate_steps))
 
     @property
     def has_memory(self) -> bool:

@@ -68,14 +68,22 @@ def log_alpha_for(keep: float) -> float:
 class Gates(nnx.Module):
     """`log_alpha` for query heads `[L, H]`, MLP neurons `[L, F]` and optionally whole blocks `[L]`."""
 
-    def __init__(self, cfg: ModelConfig, *, block_gates: bool = False, init_keep_prob: float = 0.99):
+    def __init__(self, cfg: ModelConfig, *, block_gates: bool = False, init_keep_prob: float = 0.99,
+                 init_jitter: float = 0.0, key: jax.Array | None = None):
+        """All units start at `log_alpha_for(init_keep_prob)` plus N(0, `init_jitter`) noise drawn from `key`."""
         init = log_alpha_for(init_keep_prob)
         L = cfg.num_layers
-        self.head = GateLogit(jnp.full((L, cfg.num_heads), init, jnp.float32), logical_axes=("layers", None))
-        self.neuron = GateLogit(jnp.full((L, cfg.d_ff), init, jnp.float32), logical_axes=("layers", None))
+        keys = iter(jax.random.split(key if key is not None else jax.random.key(0), 4))
+
+        def logit(shape, axes):
+            noise = init_jitter * jax.random.normal(next(keys), shape, jnp.float32)
+            return GateLogit(init + noise, logical_axes=axes)
+
+        self.head = logit((L, cfg.num_heads), ("layers", None))
+        self.neuron = logit((L, cfg.d_ff), ("layers", None))
         if block_gates:
-            self.attn = GateLogit(jnp.full((L,), init, jnp.float32), logical_axes=("layers",))
-            self.mlp = GateLogit(jnp.full((L,), init, jnp.float32), logical_axes=("layers",))
+            self.attn = logit((L,), ("layers",))
+            self.mlp = logit((L,), ("layers",))
 
 
 def scales(z: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:

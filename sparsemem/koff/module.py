@@ -7,6 +7,7 @@ The decoder's own `nnx.Param`s live elsewhere and are never trained.
 
 from __future__ import annotations
 
+import jax
 from flax import nnx
 
 from sparsemem.koff.config import KoffConfig
@@ -20,7 +21,8 @@ GROUPS = {"gates": GateLogit, "memory": MemoryRow, "multipliers": Multiplier}
 
 class Koff(nnx.Module):
     def __init__(self, cfg: ModelConfig, kcfg: KoffConfig, *, rngs: nnx.Rngs):
-        self.gates = Gates(cfg, block_gates=kcfg.block_gates, init_keep_prob=kcfg.init_keep_prob)
+        self.gates = Gates(cfg, block_gates=kcfg.block_gates, init_keep_prob=kcfg.init_keep_prob,
+                           init_jitter=kcfg.init_jitter, key=jax.random.fold_in(jax.random.key(kcfg.seed), 1))
         self.memory = MemoryTable(cfg, kcfg.num_domains, slots=kcfg.memory_slots, lora_rank=kcfg.lora_rank,
                                   lora_targets=kcfg.lora_targets, init_std=kcfg.memory_init_std, rngs=rngs)
         self.lagrangian = Lagrangian()

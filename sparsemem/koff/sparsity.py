@@ -76,47 +76,72 @@ def expected_sparsity(cfg: ModelConfig, log_alphas: dict[str, jax.Array], over: 
     return sparsity(cfg, remaining_params(cfg, keep_probs(log_alphas)), over)
 
 
-def target_at(step: jax.Array, target: float, warmup_steps: int) -> jax.Array:
-    """Sparsity target at `step`: linear from 0 to `target` over `warmup_steps`, then flat."""
+def target_at(step: jax.Array, target: float, warmup_steps: int, start: float = 0.0) -> jax.Array:
+    """Sparsity target at `step`: linear from `start` to `target` over `warmup_steps`, then flat.
+
+    Start at the gates' initial expected sparsity: a ramp from 0 lies below it, so
+    the controller would first push the gates the wrong way.
+    """
     if warmup_steps <= 0:
         return jnp.asarray(target, jnp.float32)
-    return target * jnp.minimum(jnp.asarray(step, jnp.float32) / warmup_steps, 1.0)
+    return start + (target - start) * jnp.minimum(jnp.asarray(step, jnp.float32) / warmup_steps, 1.0)
+
+
+def type_params(cfg: ModelConfig) -> dict[str, float]:
+    """Prunable params owned by each unit type: query heads with their KV heads, and MLP neurons."""
+    counts = ParamCounts.of(cfg)
+    neuron = float(cfg.num_layers * cfg.d_ff * counts.neuron)
+    return {"head": float(counts.prunable) - neuron, "neuron": neuron}
+
+
+def removal_budget(cfg: ModelConfig, target: jax.Array | float, over: str = "prunable") -> jax.Array:
+    """Prunable params to remove so that the sparsity over `over` params is `target`."""
+    counts = ParamCounts.of(cfg)
+    denominator = float(counts.prunable if over == "prunable" else counts.total)  # ints past 2**31 overflow in jnp
+    return jnp.asarray(target, jnp.float32) * denominator
 
 
 def deterministic_masks(cfg: ModelConfig, log_alphas: dict[str, jax.Array], target: jax.Array | float,
                         over: str = "prunable") -> dict[str, jax.Array]:
-    """0/1 masks keeping the highest-scoring units so that the realised sparsity is closest to `target`.
+    """0/1 masks at `target`: each unit type gives up the target share of its params, lowest keep probability first.
 
-    Units (heads, neurons) are ranked by keep probability (times their block's).
-    Removing them lowest first, each costs its own params, and the last head of a
-    KV group removed also frees that KV head. We remove the prefix whose cumulative
-    cost is nearest to `target * (prunable or total params)`, so the realised
-    sparsity is within one unit's cost of the target. A block's mask is 1 while any
-    of its units is kept. Jittable.
+    The rule the projection controller trains under (`koff/controller.py`): heads
+    and neurons are ranked separately by keep probability (times their block's).
+    Heads go lowest first, the last head of a KV group taking its KV head along,
+    until the removed head params are nearest to the head type's share of the
+    removal budget; neurons then fill the budget, so the realised sparsity is within
+    half a neuron's cost of `target` (unless the heads alone overshoot it). A head
+    of Gemma-3-270M costs ~170 neurons, so ranking both on one scale would let a
+    mid-way head and a mid-way neuron trade at a wrong rate. A block's mask is 1
+    while any of its units is kept. Jittable.
     """
     counts = ParamCounts.of(cfg)
     keep = keep_probs(log_alphas)
-    L, H, F = cfg.num_layers, cfg.num_heads, cfg.d_ff
+    L, F = cfg.num_layers, cfg.d_ff
     head_score = keep["head"] * keep["attn"][:, None] if "attn" in keep else keep["head"]
     neuron_score = keep["neuron"] * keep["mlp"][:, None] if "mlp" in keep else keep["neuron"]
-    scores = jnp.concatenate([head_score.reshape(-1), neuron_score.reshape(-1)])
-    order = jnp.argsort(scores, stable=True)
-    rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))
-    head_rank = rank[: L * H].reshape(L, cfg.num_kv_heads, cfg.group_size)
-    closes_group = head_rank == jnp.max(head_rank, axis=-1, keepdims=True)
-    unit_cost = jnp.concatenate([
-        (counts.head + counts.kv_head * closes_group).reshape(-1),
-        jnp.full((L * F,), counts.neuron)]).astype(jnp.float32)
-    removed = jnp.concatenate([jnp.zeros((1,)), jnp.cumsum(unit_cost[order])])
-    denominator = float(counts.prunable if over == "prunable" else counts.total)  # ints past 2**31 overflow in jnp
-    num_removed = jnp.argmin(jnp.abs(removed - jnp.asarray(target, jnp.float32) * denominator))
-    kept = (rank >= num_removed).astype(jnp.float32)
-    masks = {"head": kept[: L * H].reshape(L, H), "neuron": kept[L * H:].reshape(L, F)}
+    budget = removal_budget(cfg, target, over)
+
+    head_rank = _ranks(head_score.reshape(-1))
+    grouped = head_rank.reshape(L, cfg.num_kv_heads, cfg.group_size)
+    closes_group = (grouped == jnp.max(grouped, axis=-1, keepdims=True)).reshape(-1)
+    head_cost = (counts.head + counts.kv_head * closes_group).astype(jnp.float32)
+    removed = jnp.concatenate([jnp.zeros((1,)), jnp.cumsum(head_cost[jnp.argsort(head_rank)])])
+    heads_removed = jnp.argmin(jnp.abs(removed - budget * type_params(cfg)["head"] / counts.prunable))
+    neurons_removed = jnp.clip(jnp.round((budget - removed[heads_removed]) / counts.neuron), 0, L * F)
+    masks = {"head": (head_rank >= heads_removed).astype(jnp.float32).reshape(head_score.shape),
+             "neuron": (_ranks(neuron_score.reshape(-1)) >= neurons_removed).astype(jnp.float32).reshape(L, F)}
     if "attn" in log_alphas:
         masks["attn"] = jnp.max(masks["head"], axis=-1)
     if "mlp" in log_alphas:
         masks["mlp"] = jnp.max(masks["neuron"], axis=-1)
     return masks
+
+
+def _ranks(scores: jax.Array) -> jax.Array:
+    """Each score's position in ascending order (ties by index)."""
+    order = jnp.argsort(scores, stable=True)
+    return jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))
 
 
 class Multiplier(nnx.Param):

@@ -96,9 +96,9 @@ def train(trainer: KoffTrainer, state: TrainState, batches: Iterator[Mapping[str
             if on_metrics is not None:
                 on_metrics(step, host)
             if log_every and step % log_every == 0:
-                log.info("step %d/%d  loss %.4f  sparsity %.3f (target %.3f)  lambda %.3f/%.3f  %.0f tokens/s",
-                         step, num_steps, loss, host["expected_sparsity"], host["target"], host["lambda1"],
-                         host["lambda2"], host["tokens_per_s"])
+                log.info("step %d/%d  loss %.4f  sparsity %.3f (target %.3f)  polarised %.2f  %.0f tokens/s",
+                         step, num_steps, loss, host["expected_sparsity"], host["target"], host["polarised"],
+                         host["tokens_per_s"])
             if sigterm["requested"]:
                 save(state)
                 return state, "preempted"

@@ -7,8 +7,12 @@ One step (`train_step`):
    accumulation equals one large batch), run the decoder over `accum_steps`
    micro-batches with gates + each example's own memory, and accumulate the
    gradients of the summed token losses w.r.t. gate logits and gathered rows;
-3. add the Lagrangian's gradients, step the gates (Adam), the multipliers
-   (gradient ascent) and the gathered rows (row-sparse Adam), scatter the rows back.
+3. step the gates (Adam) and keep their expected sparsity on the schedule
+   (`kcfg.controller`: by default a projection after the step, `koff/controller.py`;
+   or the Lagrangian's gradients plus multiplier ascent), step the gathered rows
+   (row-sparse Adam) and scatter them back.
+Batches carry text positions from 0; the steps move them past the memory slots
+(`after_memory`), so the text follows the memory as it would a real prefix.
 After `kcfg.gate_steps` the step is the *memory step*: the deterministic mask at the
 target replaces the gate sample, and gates and multipliers stay fixed. A trainer given a
 `fixed_mask` takes only memory steps, under that mask (baselines whose mask comes from
@@ -29,7 +33,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sparsemem.koff import gates as gates_lib
-from sparsemem.koff import rowsparse, sparsity
+from sparsemem.koff import controller, rowsparse, sparsity
 from sparsemem.koff.config import KoffConfig
 from sparsemem.koff.memory import distinct_rows, gather_rows, hooks_from_rows, prefill_kv, scatter_rows
 from sparsemem.koff.module import Koff, split
@@ -41,6 +45,17 @@ from sparsemem.parallel.rules import axis_rules, current_rules, named_sharding
 from sparsemem.train.state import TrainState
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+
+
+def after_memory(batch: dict[str, jax.Array], slots: int) -> dict[str, jax.Array]:
+    """`batch` with text positions moved past the `slots` memory slots.
+
+    Prefill-initialised memory keys carry positions 0..slots-1 (the frozen model's
+    own cache over domain text); text placed after them, as after a real prefix,
+    never sees a memory key from its future. RoPE is relative, so without memory
+    the shift changes nothing.
+    """
+    return {**batch, "positions": batch["positions"] + slots}
 
 
 def _child(state: nnx.State) -> dict:
@@ -90,8 +105,10 @@ class KoffTrainer:
         self.backbone = (jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), backbone,
                                       self.backbone_shardings) if abstract
                          else jax.device_put(backbone, self.backbone_shardings))
-        self.gate_tx = optax.adam(kcfg.gate_lr, b1=kcfg.adam_b1, b2=kcfg.adam_b2, eps=kcfg.adam_eps)
+        adam = controller.array_adam if kcfg.controller == "projection" else optax.adam
+        self.gate_tx = adam(kcfg.gate_lr, b1=kcfg.adam_b1, b2=kcfg.adam_b2, eps=kcfg.adam_eps)
         self.lambda_tx = optax.sgd(kcfg.lambda_lr)  # fed negated gradients: ascent
+        self.start_sparsity = controller.initial_sparsity(self.cfg, kcfg)  # where the target ramp starts
 
         rep = NamedSharding(self.mesh, PartitionSpec())
         abstract = jax.eval_shape(self._fresh_state)
@@ -235,6 +252,7 @@ class KoffTrainer:
     def _train_step(self, state: TrainState, backbone, batch, *, train_gates: bool = True):
         kcfg, D = self.kcfg, self.kcfg.num_domains
         decoder = nnx.merge(self.decoder_def, backbone)
+        batch = after_memory(batch, kcfg.memory_slots)
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         slots, inv = distinct_rows(batch["domain"], D)
         rows = gather_rows(state.memory, slots)
@@ -265,8 +283,10 @@ class KoffTrainer:
         g_rows = jax.tree.map(lambda g: g / num_tokens, g_rows)
 
         if train_gates:
-            target = sparsity.target_at(state.step, kcfg.target_sparsity, kcfg.warmup_steps)
-            lag, gates, gate_opt, multipliers, lambda_opt = self._constrained_gate_update(state, g_gates, target)
+            target = sparsity.target_at(state.step, kcfg.target_sparsity, kcfg.warmup_steps, self.start_sparsity)
+            gate_update = (self._projected_gate_update if kcfg.controller == "projection"
+                           else self._lagrangian_gate_update)
+            lag, gates, gate_opt, multipliers, lambda_opt = gate_update(state, g_gates, target)
             keep = sparsity.keep_probs(state.gates)
         else:
             target = jnp.float32(kcfg.target_sparsity)
@@ -290,14 +310,22 @@ class KoffTrainer:
             "expected_sparsity": sparsity.sparsity(self.cfg, remaining, "prunable"),
             "expected_sparsity_all": sparsity.sparsity(self.cfg, remaining, "all"),
             "target": target,
+            "polarised": controller.polarised_fraction(state.gates),
             "lambda1": state.multipliers["lambda1"],
             "lambda2": state.multipliers["lambda2"],
             "tokens": num_tokens,
         }
         return new_state, metrics
 
-    def _constrained_gate_update(self, state: TrainState, g_gates, target):
-        """Add the Lagrangian's gradient to the gates' LM gradient; step the gates (Adam) and multipliers (ascent)."""
+    def _projected_gate_update(self, state: TrainState, g_gates, target):
+        """Step the gates on the LM gradient alone, then project them onto the scheduled expected sparsity."""
+        gates, gate_opt = controller.projected_update(self.cfg, self.kcfg, self.gate_tx, state.gates, state.gate_opt,
+                                                      g_gates, state.step, target)
+        return jnp.zeros(()), gates, gate_opt, state.multipliers, state.lambda_opt
+
+    def _lagrangian_gate_update(self, state: TrainState, g_gates, target):
+        """Add the Lagrangian's gradient to the gates' LM gradient; step the gates (Adam, then clamp) and the
+        multipliers (ascent)."""
         kcfg = self.kcfg
 
         def constraint(log_alphas):
@@ -308,7 +336,8 @@ class KoffTrainer:
         (lag, s_hat), lg_gates = jax.value_and_grad(constraint, has_aux=True)(state.gates)
         g_gates = jax.tree.map(jnp.add, g_gates, lg_gates)
         updates, gate_opt = self.gate_tx.update(g_gates, state.gate_opt, state.gates)
-        gates = optax.apply_updates(state.gates, updates)
+        clamp = kcfg.log_alpha_clamp
+        gates = jax.tree.map(lambda la: jnp.clip(la, -clamp, clamp), optax.apply_updates(state.gates, updates))
         ascent = sparsity.multiplier_ascent_grads(s_hat, target)
         updates, lambda_opt = self.lambda_tx.update(jax.tree.map(jnp.negative, ascent), state.lambda_opt)
         return lag, gates, gate_opt, optax.apply_updates(state.multipliers, updates), lambda_opt
@@ -327,6 +356,7 @@ class KoffTrainer:
     def _eval_step(self, state: TrainState, backbone, batch, target):
         D = self.kcfg.num_domains
         decoder = nnx.merge(self.decoder_def, backbone)
+        batch = after_memory(batch, self.kcfg.memory_slots)
         masks = self._final_masks(state.gates, target)
         scales = gates_lib.scales(masks)
         slots, inv = distinct_rows(batch["domain"], D)
