@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import pathlib
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -19,6 +19,7 @@ from flax import nnx
 from sparsemem.checkpoints.memory_module import (MemoryModule, mask_fingerprint, params_fingerprint,
                                                  save_memory_module)
 from sparsemem.models.decoder import Decoder
+from sparsemem.serve import routing
 from sparsemem.serve.backbone import Backbone, save_backbone
 from sparsemem.serve.compact import CompactLayout, compact_decoder, round_masks
 
@@ -48,20 +49,23 @@ def merge_lora(decoder: Decoder, module: MemoryModule) -> Decoder:
 def export(decoder: Decoder, masks: Mapping[str, np.ndarray], table: Mapping[str, np.ndarray],
            domains: Sequence[str], lora_scale: float, out: str | pathlib.Path, *,
            scores: Mapping[str, np.ndarray] | None = None, round_to: int | None = None,
-           merge_domain: str | None = None, tokenizer_file: str | pathlib.Path | None = None) -> pathlib.Path:
+           merge_domain: str | None = None, tokenizer_file: str | pathlib.Path | None = None,
+           routing_texts: Mapping[str, Sequence[Sequence[int]]] | None = None,
+           routing_layer: int | None = None) -> pathlib.Path:
     """Write `out/backbone/` (compacted) and `out/modules/<domain>/` for each row of `table [D, ...]`.
 
     `round_to` rounds kept widths up to a multiple, keeping the best-`scores` pruned
     units (modules stay full-width, so they fit either way). `merge_domain` folds
     that domain's LoRA into the backbone weights for single-domain deployment.
+    `routing_texts` (token ids of training documents per domain) give each module its
+    routing centroid at block `routing_layer` (default: the middle one) of the
+    compacted backbone; see `sparsemem.serve.routing`.
     """
     out = pathlib.Path(out)
     cfg = decoder.cfg
     base_fp, mask_fp = model_fingerprint(decoder), mask_fingerprint(masks)
     modules = {name: MemoryModule(name, {k: np.asarray(v[i]) for k, v in table.items()}, float(lora_scale),
                                   base_fp, mask_fp) for i, name in enumerate(domains)}
-    for module in modules.values():
-        save_memory_module(module, out / "modules" / module.domain)
     if round_to:
         if scores is None:
             raise ValueError("round_to needs unit scores (keep probabilities) to pick the next-best units")
@@ -72,9 +76,25 @@ def export(decoder: Decoder, masks: Mapping[str, np.ndarray], table: Mapping[str
             raise ValueError(f"cannot merge unknown domain {merge_domain!r}; known domains: {', '.join(domains)}")
         decoder = merge_lora(decoder, modules[merge_domain])
     backbone = Backbone(compact_decoder(decoder, layout), layout, base_fp, mask_fp, merge_domain)
+    if routing_texts is not None:
+        add_centroids(backbone.model, modules.values(), routing_texts, routing_layer)
+    for module in modules.values():
+        save_memory_module(module, out / "modules" / module.domain)
     save_backbone(backbone, out / "backbone", tokenizer_file)
     log.info("exported %s: %d domains, widths per layer %s", out, len(modules), layout.widths())
     return out
+
+
+def add_centroids(model, modules: Iterable[MemoryModule], texts: Mapping[str, Sequence[Sequence[int]]],
+                  layer: int | None = None) -> None:
+    """Set each module's routing centroid from its domain's documents in `texts`, on the compacted `model`."""
+    layer = routing.default_layer(model.cfg.num_layers) if layer is None else layer
+    for module in modules:
+        if module.domain not in texts:
+            raise ValueError(f"no routing texts for domain {module.domain!r}; give training documents of every "
+                             f"exported domain (have: {', '.join(texts)})")
+        module.centroid = routing.centroid(model, texts[module.domain], layer, model.cfg.bos_id)
+        module.routing_layer = layer
 
 
 def _gate_scores(checkpoint_dir: pathlib.Path) -> dict[str, np.ndarray]:
