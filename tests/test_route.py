@@ -127,3 +127,25 @@ def test_modules_without_centroids_are_refused_for_routing(exported, tmp_path):
     with pytest.raises(routing.RoutingError, match=r"modules \['de'\] have no routing centroid"):
         from sparsemem.serve.deploy import centroid_router
         centroid_router([with_centroids, without])
+
+
+def test_route_evaluation_on_a_separable_case(exported):
+    from sparsemem.experiment.route import evaluate_routing, tables
+
+    deployment = Deployment.load(exported[3])
+    sequences = {d: documents(d, 3, 24, seed=200 + i) for i, d in enumerate(DOMAINS)}
+    result = evaluate_routing(deployment, sequences, lengths=(8, 16), ppl_prompt=8, batch_size=2)
+    assert [result["accuracy"]["centroid"][n]["mean"] for n in ("8", "16")] == [1.0, 1.0]
+    assert result["perplexity"]["routed"] == result["perplexity"]["oracle"]  # every prompt found its memory
+    for kind in ("centroid", "likelihood"):
+        assert np.sum(result["confusion"][kind]["16"], 1).tolist() == [3, 3, 3]
+    # The swap matrix is each domain's mean token loss under every memory, computed here one memory at a time.
+    model, bank = deployment.backbone.model, deployment.bank
+    for t, domain in enumerate(result["domains"]):
+        tokens, segments = routing.pad_right(sequences[domain], model.cfg.pad_id)
+        for m, memory in enumerate(result["memories"]):
+            nll = routing.token_nll(model, tokens, segments, bank.rows([memory] * 3))
+            np.testing.assert_allclose(result["swap"][t][m], np.exp(nll.sum() / (segments[:, 1:] > 0).sum()),
+                                       rtol=1e-5)
+    assert 0 < result["cost"]["centroid_share"] and result["cost"]["generated_tokens"] == 64
+    assert "| centroid | 100.0% | 100.0% |" in tables(result)

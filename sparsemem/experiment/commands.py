@@ -76,6 +76,21 @@ def _extend(args: argparse.Namespace) -> int:
     return 0
 
 
+def _route(args: argparse.Namespace) -> int:
+    from sparsemem.checkpoints.memory_module import ModuleMismatchError  # noqa: PLC0415
+    from sparsemem.experiment import route as route_lib  # noqa: PLC0415
+    from sparsemem.serve.routing import RoutingError  # noqa: PLC0415
+
+    lengths = tuple(int(n) for n in args.lengths.split(","))
+    try:
+        result = route_lib.route_run(args.run, args.variant, args.documents, lengths, args.ppl_prompt,
+                                     args.continuation, args.batch_size)
+    except (RoutingError, ModuleMismatchError, FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    print(route_lib.tables(result))
+    return 0
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("run", help="train, evaluate, export and report one experiment (resumable)")
     p.add_argument("--config", required=True, help="experiments/configs/<name>.py")
@@ -99,3 +114,13 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, default=None,
                    help="training steps (default: the run's memory phase, train.steps - gate steps)")
     p.set_defaults(func=_extend)
+    p = subparsers.add_parser("route", help="routing accuracy, routed vs oracle perplexity and routing cost on the "
+                                            "held-out text of an exported run's domains")
+    p.add_argument("--run", required=True, help="run directory (exported with `sparsemem export`)")
+    p.add_argument("--variant", default="koff")
+    p.add_argument("--documents", type=int, default=16, help="held-out sequences per domain")
+    p.add_argument("--lengths", default="8,16,32,64", help="prompt lengths in tokens")
+    p.add_argument("--ppl-prompt", type=int, default=32, help="prompt length before the scored continuation")
+    p.add_argument("--continuation", type=int, default=64, help="tokens scored after the prompt")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(func=_route)
