@@ -167,17 +167,14 @@ def extend(run_dir: str, domains: list[NewDomain], steps: int | None = None) -> 
         gates, multipliers, first = _run_gates(run, config, trainer)
         steps = config.train.steps - kcfg.gate_steps if steps is None else steps
         checkpointer = RunCheckpointer(home / "checkpoints", max_to_keep=2)
-        batches = setup.AfterMemory(pipeline.train_batches(train_sources, tokenizer, seq_len=config.data.seq_len,
-                                                           batch_size=config.data.batch_size, seed=config.data.seed),
-                                    config.koff.memory_slots)
+        batches = setup.train_batches(config, train_sources, tokenizer)
         before = run.read_json(f"extend/{name}/before.json")
         if checkpointer.latest_step() is not None:
             state, data_state = checkpointer.restore(trainer.abstract_state)
             batches.set_state(data_state)
             log.info("[extend %s] resuming from step %d", name, int(state.step))
         else:
-            prefill = kcfg.memory_init == "prefill" and kcfg.memory_slots > 0
-            state = trainer.init(setup.prefill_tokens(train_sources, tokenizer, kcfg.memory_slots) if prefill else None)
+            state = setup.fresh_state(trainer, train_sources, tokenizer)
             state = state.replace(gates=gates, multipliers=multipliers, step=jax.numpy.int32(first))
             before = _held_out_perplexity(trainer, state, held_out, tokenizer, config)
             run.write_json(f"extend/{name}/before.json", before)

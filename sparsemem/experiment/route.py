@@ -39,7 +39,7 @@ GENERATED = 64  # routing cost is measured against generating this many tokens
 
 
 def held_out_sequences(source, tokenizer, count: int, length: int) -> list[list[int]]:
-    """Up to `count` sequences of exactly `length` tokens (BOS first) of consecutive paragraphs, spread over `source`."""
+    """Up to `count` sequences of `length` tokens (BOS first) of consecutive paragraphs, spread over `source`."""
     n = len(source.records)
     out = []
     for start in np.unique(np.linspace(0, n - 1, count).round().astype(int)):
@@ -104,6 +104,7 @@ def evaluate_routing(deployment: Deployment, sequences: dict[str, list[list[int]
             ppl["no_memory"][truth] += bare[:, rest].sum()
             ppl_tokens[truth] += (segments[:, ppl_prompt:] > 0).sum()
     present = [names.index(d) for d in sequences]
+    prompts = [s[:ppl_prompt] for seqs in sequences.values() for s in seqs]
     accuracy = {kind: {str(n): {names[t]: float(c[t, t] / c[t].sum()) for t in present} | {
         "mean": float(np.mean([c[t, t] / c[t].sum() for t in present]))} for n, c in by_n.items()}
         for kind, by_n in counts.items()}
@@ -115,9 +116,10 @@ def evaluate_routing(deployment: Deployment, sequences: dict[str, list[list[int]
             "lengths": list(lengths), "ppl_prompt": ppl_prompt,
             "sequences": {d: len(s) for d, s in sequences.items()},
             "accuracy": accuracy,
-            "confusion": {kind: {str(n): c[present].tolist() for n, c in by_n.items()} for kind, by_n in counts.items()},
+            "confusion": {kind: {str(n): c[present].tolist() for n, c in by_n.items()}
+                          for kind, by_n in counts.items()},
             "perplexity": perplexity, "swap": swap.tolist(),
-            "cost": routing_cost(deployment, [s[:ppl_prompt] for seqs in sequences.values() for s in seqs][:batch_size])}
+            "cost": routing_cost(deployment, prompts[:batch_size])}
 
 
 def routing_cost(deployment: Deployment, prompts: list[list[int]]) -> dict:

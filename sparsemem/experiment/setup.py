@@ -13,6 +13,7 @@ from flax import nnx
 
 from sparsemem import files
 from sparsemem.checkpoints.hf import load_hf_checkpoint, load_tokenizer, read_config
+from sparsemem.data import pipeline
 from sparsemem.data import sources as sources_lib
 from sparsemem.data.sources import DomainSource, SubsetRecords
 from sparsemem.models.decoder import Decoder
@@ -114,6 +115,21 @@ def prefill_tokens(train: list[DomainSource], tokenizer: Tokenizer, slots: int) 
                              f"koff.memory_slots={slots} needs more (or set koff.memory_init='random')")
         rows.append(ids[:slots])
     return np.asarray(rows, np.int32)
+
+
+def train_batches(config: ml_collections.ConfigDict, sources: list[DomainSource], tokenizer: Tokenizer
+                  ) -> "AfterMemory":
+    """The run's resumable training batches over `sources` (domain ids = positions), text after the memory."""
+    return AfterMemory(pipeline.train_batches(sources, tokenizer, seq_len=config.data.seq_len,
+                                              batch_size=config.data.batch_size, seed=config.data.seed),
+                       config.koff.memory_slots)
+
+
+def fresh_state(trainer, sources: list[DomainSource], tokenizer: Tokenizer):
+    """`trainer.init()`, with KV memory prefilled from each source's first tokens when the config asks for it."""
+    kcfg = trainer.kcfg
+    prefill = kcfg.memory_init == "prefill" and kcfg.memory_slots > 0
+    return trainer.init(prefill_tokens(sources, tokenizer, kcfg.memory_slots) if prefill else None)
 
 
 def after_memory(batch: dict[str, np.ndarray], slots: int) -> dict[str, np.ndarray]:
