@@ -168,7 +168,12 @@ def export_run(run_dir: str | pathlib.Path, variant: str = "koff", out: str | pa
     table = {k: np.stack([r[k] for r in rows]) for k in rows[0]} if rows else {}
     decoder, tokenizer = load_model(config, None)
     sources = {s.name: s for s in all_sources(run, config, "train")}
-    texts = {name: routing_documents(sources[name], tokenizer, config.data.seq_len) for name in domains}
+    texts = {name: routing_documents(sources[name], tokenizer, config.data.seq_len) for name in domains
+             if name in sources}
+    if len(texts) < len(domains):
+        log.warning("no training text for domain(s) %s in the run's corpus: exporting without routing centroids "
+                    "(--domain auto will be unavailable)", sorted(set(domains) - set(texts)))
+        texts = None
     if config.model.source == "hf":
         folder = pathlib.Path(config.model.path)
     else:

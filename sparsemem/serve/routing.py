@@ -28,6 +28,7 @@ from sparsemem.serve.compact_model import CompactDecoder, RowMemory
 from sparsemem.serve.memory import MemoryBank
 
 LENGTH_BUCKET = 16  # prompts are right-padded to a multiple of this, so few shapes compile
+LOSS_CHUNK = 256  # tokens per vocabulary-logits chunk (Gemma: 256 x 262k floats = 268 MB)
 
 
 class RoutingError(ValueError):
@@ -128,7 +129,7 @@ class CentroidRouter:
 def _token_nll(graphdef, state, tokens, segments, memory):
     model = nnx.merge(graphdef, state)
     hidden, _ = model(tokens, segment_ids=segments, memory=memory)
-    nll = token_cross_entropy(model, hidden[:, :-1], tokens[:, 1:])
+    nll = token_cross_entropy(model, hidden[:, :-1], tokens[:, 1:], chunk_size=LOSS_CHUNK)
     return nll * (segments[:, 1:] > 0)
 
 
