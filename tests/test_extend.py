@@ -122,3 +122,15 @@ def test_modules_for_another_mask_are_refused(extended):
     table = {k: v[None] for k, v in np.load(run / "export" / "koff" / "memory" / "valves.npz").items()}
     with pytest.raises(ModuleMismatchError, match="not exported from the model and mask"):
         add_modules(run / "export" / "koff" / "serve", decoder, flipped, table, ["other"], 1.0, {"other": [[2, 5]]})
+
+
+def test_route_reports_every_domain_of_the_extended_run(extended, capsys):
+    run, _, _ = extended
+    assert cli.main(["route", "--run", str(run), "--documents", "2", "--lengths", "8,16", "--ppl-prompt", "8",
+                     "--continuation", "8"]) == 0
+    result = json.loads((run / "route.json").read_text())
+    assert result["domains"] == ["en-US", "de", "valves"] and result["memories"] == ["de", "en-US", "valves"]
+    for kind in ("centroid", "likelihood"):
+        assert np.sum(result["confusion"][kind]["16"], 1).tolist() == [2, 2, 2]
+    assert set(result["perplexity"]["oracle"]) == {"en-US", "de", "valves", "geomean"}
+    assert "| centroid |" in capsys.readouterr().out
