@@ -1,12 +1,12 @@
 """`sparsemem extend`: give a trained run new domains without touching what it already has.
 
 The new domains get a memory table of their own (KV memory + LoRA, the run's memory
-settings) trained with the trainer's memory step: the run's `koff` gates are loaded
-and stay fixed, so every step uses the run's deterministic mask, and the backbone is
-frozen as always. The run's own memory rows, mask, gates and checkpoints are never
-written: they are bit-identical afterwards by construction, and training costs
-nothing per existing domain (at hundreds of domains the old rows' optimiser moments
-would otherwise ride along).
+settings) trained by a `KoffTrainer` whose `fixed_mask` is the run's exported `koff`
+mask (`export/koff/mask.npz`): every step is a memory step under that mask, and the
+backbone is frozen as always. The run's own memory rows, mask, gates and checkpoints
+are never written: they are bit-identical afterwards by construction, and training
+costs nothing per existing domain (at hundreds of domains the old rows' optimiser
+moments would otherwise ride along).
 
 Each `extend` call is one *extension* (its domains, by name) recorded in
 `extensions.json`; its state lives in `extend/<name>/` (checkpoints, metrics,
@@ -36,7 +36,6 @@ from sparsemem.experiment.config import koff_config
 from sparsemem.experiment.export import load_mask, save_memory_rows
 from sparsemem.experiment.metrics import MetricsLog
 from sparsemem.experiment.rundir import RunDir, Timer
-from sparsemem.koff import sparsity
 from sparsemem.train.loop import train
 from sparsemem.train.trainer import KoffTrainer
 
@@ -117,28 +116,6 @@ def _register(run: RunDir, config, domains: list[NewDomain]) -> str:
     return "+".join(d.name for d in domains)
 
 
-def _run_gates(run: RunDir, config, trainer: KoffTrainer) -> tuple[dict, dict, int]:
-    """The run's trained gates and multipliers (on the mesh) and its last step; checks they give its mask."""
-    checkpointer = RunCheckpointer(run.path / "checkpoints" / VARIANT)
-    if checkpointer.latest_step() is None:
-        raise ExtendError(f"{run.path} has no {VARIANT} checkpoint; finish the run with `sparsemem run` first")
-    saved = checkpointer.restore_arrays()
-    checkpointer.close()
-    step = int(saved["step"])
-    if step < trainer.kcfg.gate_steps:
-        raise ExtendError(f"{run.path}: {VARIANT} stopped at step {step}, before its mask froze (step "
-                          f"{trainer.kcfg.gate_steps}); finish the run with `sparsemem run` first")
-    mask = load_mask(run, VARIANT)
-    again = jax.device_get(sparsity.deterministic_masks(trainer.cfg, saved["gates"], trainer.kcfg.target_sparsity,
-                                                        trainer.kcfg.sparsity_over))
-    if any(not np.array_equal(np.asarray(again[k]), mask[k]) for k in mask):
-        raise ExtendError(f"the gates in {run.path / 'checkpoints' / VARIANT} do not give "
-                          f"export/{VARIANT}/mask.npz; the run directory is inconsistent")
-    put = lambda tree, sh: jax.device_put(jax.tree.map(np.asarray, tree), sh)  # noqa: E731
-    return (put(saved["gates"], trainer.state_shardings.gates),
-            put(saved["multipliers"], trainer.state_shardings.multipliers), step)
-
-
 def _held_out_perplexity(trainer, state, held_out, tokenizer, config) -> dict:
     batches = [setup.after_memory(b, config.koff.memory_slots)
                for b in pipeline.eval_batches(held_out, tokenizer, seq_len=config.data.seq_len,
@@ -163,8 +140,7 @@ def extend(run_dir: str, domains: list[NewDomain], steps: int | None = None) -> 
         held_out = [setup.spread(d.source(run, config.eval.split, data_dir), config.eval.paragraphs)
                     for d in domains]
         kcfg = koff_config(config, len(domains), VARIANT)
-        trainer = KoffTrainer(decoder, kcfg, mesh)
-        gates, multipliers, first = _run_gates(run, config, trainer)
+        trainer = KoffTrainer(decoder, kcfg, mesh, fixed_mask=load_mask(run, VARIANT))
         steps = config.train.steps - kcfg.gate_steps if steps is None else steps
         checkpointer = RunCheckpointer(home / "checkpoints", max_to_keep=2)
         batches = setup.train_batches(config, train_sources, tokenizer)
@@ -175,15 +151,13 @@ def extend(run_dir: str, domains: list[NewDomain], steps: int | None = None) -> 
             log.info("[extend %s] resuming from step %d", name, int(state.step))
         else:
             state = setup.fresh_state(trainer, train_sources, tokenizer)
-            state = state.replace(gates=gates, multipliers=multipliers, step=jax.numpy.int32(first))
             before = _held_out_perplexity(trainer, state, held_out, tokenizer, config)
             run.write_json(f"extend/{name}/before.json", before)
-        total = first + steps
-        if int(state.step) < total:
-            metrics = MetricsLog(home, f"extend:{name}", [d.name for d in domains], total_steps=total,
+        if int(state.step) < steps:
+            metrics = MetricsLog(home, f"extend:{name}", [d.name for d in domains], total_steps=steps,
                                  first_step=int(state.step), log_every=config.train.log_every)
             try:
-                state, status = train(trainer, state, batches, num_steps=total, checkpointer=checkpointer,
+                state, status = train(trainer, state, batches, num_steps=steps, checkpointer=checkpointer,
                                       save_every=config.train.save_every, data_state=batches.get_state,
                                       on_metrics=metrics, log_every=0)
             finally:
@@ -195,8 +169,7 @@ def extend(run_dir: str, domains: list[NewDomain], steps: int | None = None) -> 
         after = _held_out_perplexity(trainer, state, held_out, tokenizer, config)
         memory = jax.device_get(state.memory)
         save_memory_rows(run, VARIANT, memory, [d.name for d in domains])
-        result = {"domains": [d.name for d in domains], "steps": steps, "first_step": first,
-                  "before": before, "after": after}
+        result = {"domains": [d.name for d in domains], "steps": steps, "before": before, "after": after}
         run.write_json(f"extend/{name}/eval.json", result)
         _export_into_existing(run, config, decoder, tokenizer, memory, train_sources)
     return result
