@@ -11,8 +11,9 @@ from sparsemem.koff.memory import hooks_from_rows
 from sparsemem.models.hooks import Hooks
 from sparsemem.models.layers import segment_positions
 from sparsemem.models.loss import token_cross_entropy
+from sparsemem.experiment.route import evaluate_routing, tables
 from sparsemem.serve import routing
-from sparsemem.serve.deploy import Deployment
+from sparsemem.serve.deploy import Deployment, centroid_router
 from sparsemem.serve.export import export
 from sparsemem.serve.generate import SamplingConfig
 from test_serve_compact import DOMAINS, SLOTS, hard_masks, random_decoder, random_table, tiny
@@ -125,13 +126,10 @@ def test_modules_without_centroids_are_refused_for_routing(exported, tmp_path):
     with_centroids = load_memory_module(exported[3] / "modules" / "en")
     without = load_memory_module(plain / "modules" / "de")
     with pytest.raises(routing.RoutingError, match=r"modules \['de'\] have no routing centroid"):
-        from sparsemem.serve.deploy import centroid_router
         centroid_router([with_centroids, without])
 
 
 def test_route_evaluation_on_a_separable_case(exported):
-    from sparsemem.experiment.route import evaluate_routing, tables
-
     deployment = Deployment.load(exported[3])
     sequences = {d: documents(d, 3, 24, seed=200 + i) for i, d in enumerate(DOMAINS)}
     result = evaluate_routing(deployment, sequences, lengths=(8, 16), ppl_prompt=8, batch_size=2)

@@ -39,13 +39,17 @@ GENERATED = 64  # routing cost is measured against generating this many tokens
 
 
 def held_out_sequences(source, tokenizer, count: int, length: int) -> list[list[int]]:
-    """Up to `count` sequences of `length` tokens (BOS first) of consecutive paragraphs, spread over `source`."""
+    """`count` sequences of `length` tokens (BOS first) of consecutive paragraphs from starts spread over `source`.
+
+    A sequence that reaches the end of the split continues from its beginning; with less
+    than `length` tokens of text in all there are none.
+    """
     n = len(source.records)
     out = []
-    for start in np.unique(np.linspace(0, n - 1, count).round().astype(int)):
+    for start in np.linspace(0, n, count, endpoint=False).astype(int):
         ids: list[int] = []
-        for i in range(int(start), n):
-            ids += tokenizer.encode(source.text(source.records[i]) + SEPARATOR, add_bos=not ids)
+        for i in range(int(start), int(start) + n):
+            ids += tokenizer.encode(source.text(source.records[i % n]) + SEPARATOR, add_bos=not ids)
             if len(ids) >= length:
                 out.append(ids[:length])
                 break
@@ -78,7 +82,10 @@ def evaluate_routing(deployment: Deployment, sequences: dict[str, list[list[int]
     swap_nll, swap_tokens = np.zeros((D, D)), np.zeros(D)
     ppl = {kind: np.zeros(D) for kind in ("routed", "likelihood_routed", "oracle", "no_memory")}
     ppl_tokens = np.zeros(D)
-    for domain, seqs in sequences.items():
+    start = time.perf_counter()
+    for done, (domain, seqs) in enumerate(sequences.items()):
+        log.info("[route] %s: %d sequences under %d memories (%d/%d domains, %.0f s)", domain, len(seqs), D, done + 1,
+                 len(sequences), time.perf_counter() - start)
         truth = names.index(domain)
         for i in range(0, len(seqs), batch_size):
             batch = seqs[i: i + batch_size]
