@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import pathlib
 
 import jax
@@ -61,7 +62,7 @@ class NewDomain:
         if self.corpus == "libreoffice_help":
             return sources_lib.libreoffice_sources([self.name], split, data_dir=data_dir)[0]
         # The text_folder builder makes one domain per sub-folder: give it a root holding just this folder.
-        root = run.path / "extend" / "corpora" / self.name
+        root = pathlib.Path(os.fspath(run.path)) / "extend" / "corpora" / self.name  # a local link
         link = root / self.name
         if not link.exists():
             root.mkdir(parents=True, exist_ok=True)
@@ -145,8 +146,9 @@ def extend(run_dir: str, domains: list[NewDomain], steps: int | None = None) -> 
         checkpointer = RunCheckpointer(home / "checkpoints", max_to_keep=2)
         batches = setup.train_batches(config, train_sources, tokenizer)
         before = run.read_json(f"extend/{name}/before.json")
-        if checkpointer.latest_step() is not None:
-            state, data_state = checkpointer.restore(trainer.abstract_state)
+        restored = checkpointer.restore_newest_readable(trainer.abstract_state)
+        if restored is not None:
+            state, data_state = restored
             batches.set_state(data_state)
             log.info("[extend %s] resuming from step %d", name, int(state.step))
         else:
