@@ -39,7 +39,7 @@ def export_variant(run: RunDir, variant: str, trainer: KoffTrainer, state: Train
         "num_heads": cfg.num_heads,
         "d_ff": cfg.d_ff,
     })
-    save_memory_rows(run, variant, jax.device_get(state.memory), domains)
+    save_memory_rows(run, variant, memory, domains)
     return masks
 
 

@@ -25,8 +25,8 @@ import logging
 import os
 import pathlib
 
-import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from sparsemem.checkpoints.run_state import RunCheckpointer
 from sparsemem.data import pipeline
@@ -169,7 +169,7 @@ def extend(run_dir: str, domains: list[NewDomain], steps: int | None = None) -> 
                                   "command to resume")
         checkpointer.close()
         after = _held_out_perplexity(trainer, state, held_out, tokenizer, config)
-        memory = jax.device_get(state.memory)
+        memory = multihost_utils.process_allgather(state.memory, tiled=True)  # every process takes part
         save_memory_rows(run, VARIANT, memory, [d.name for d in domains])
         result = {"domains": [d.name for d in domains], "steps": steps, "before": before, "after": after}
         run.write_json(f"extend/{name}/eval.json", result)
