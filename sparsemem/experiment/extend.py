@@ -146,13 +146,9 @@ def extend(run_dir: str, domains: list[NewDomain], steps: int | None = None) -> 
         checkpointer = RunCheckpointer(home / "checkpoints", max_to_keep=2)
         batches = setup.train_batches(config, train_sources, tokenizer)
         before = run.read_json(f"extend/{name}/before.json")
-        restored = checkpointer.restore_newest_readable(trainer.abstract_state)
-        if restored is not None:
-            state, data_state = restored
-            batches.set_state(data_state)
-            log.info("[extend %s] resuming from step %d", name, int(state.step))
-        else:
-            state = setup.fresh_state(trainer, train_sources, tokenizer)
+        state, resumed = setup.resume_or_start(checkpointer, trainer, batches, train_sources, tokenizer,
+                                               f"extend {name}")
+        if not resumed:
             before = _held_out_perplexity(trainer, state, held_out, tokenizer, config)
             run.write_json(f"extend/{name}/before.json", before)
         if int(state.step) < steps:

@@ -132,6 +132,18 @@ def fresh_state(trainer, sources: list[DomainSource], tokenizer: Tokenizer):
     return trainer.init(prefill_tokens(sources, tokenizer, kcfg.memory_slots) if prefill else None)
 
 
+def resume_or_start(checkpointer, trainer, batches: "AfterMemory", sources: list[DomainSource],
+                    tokenizer: Tokenizer, label: str):
+    """`(state, resumed)`: the newest readable checkpoint (moving `batches` to its data position), else a fresh state."""
+    restored = checkpointer.restore_newest_readable(trainer.abstract_state)
+    if restored is None:
+        return fresh_state(trainer, sources, tokenizer), False
+    state, data_state = restored
+    batches.set_state(data_state)
+    log.info("[%s] resuming from step %d", label, int(state.step))
+    return state, True
+
+
 def after_memory(batch: dict[str, np.ndarray], slots: int) -> dict[str, np.ndarray]:
     """`batch` with positions moved past the `slots` memory slots.
 
