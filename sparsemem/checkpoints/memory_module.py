@@ -5,7 +5,9 @@ layout: `k, v [L, M, Hkv, Dh]`, `{proj}_a [L, in, r]`, `{proj}_b [L, r, out]`), 
 it fits the masked model and any compaction of the same mask alike; serving slices
 it to the kept units on load. The manifest records the domain, shapes, LoRA scale
 and the fingerprints of the base model and of the mask the module was trained
-with; loading it for another backbone fails with both fingerprints named.
+with; loading it for another backbone fails with both fingerprints named. It may
+also carry the domain's routing centroid (`sparsemem.serve.routing`): the mean
+hidden state of its training text at one block of the compacted backbone.
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ class MemoryModule:
     lora_scale: float
     base_fingerprint: str
     mask_fingerprint: str
+    centroid: np.ndarray | None = None  # [d] routing centroid at block `routing_layer` of the compacted backbone
+    routing_layer: int | None = None
 
     @property
     def slots(self) -> int:
@@ -105,6 +109,9 @@ def save_memory_module(module: MemoryModule, path: str | os.PathLike) -> pathlib
         "shapes": {name: list(x.shape) for name, x in arrays.items()}, "dtype": "float32",
         "base_fingerprint": module.base_fingerprint, "mask_fingerprint": module.mask_fingerprint,
     }
+    if module.centroid is not None:
+        manifest["routing"] = {"layer": int(module.routing_layer),
+                               "centroid": np.asarray(module.centroid, np.float32).tolist()}
     tmp = path / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, path / MANIFEST)
@@ -126,8 +133,11 @@ def load_memory_module(path: str | os.PathLike, *, base_fingerprint: str | None 
     if shapes != manifest["shapes"]:
         raise ModuleMismatchError(f"{path / WEIGHTS} holds {shapes} but its manifest lists {manifest['shapes']}; "
                                   "the module is corrupt, export it again")
+    routing = manifest.get("routing")
     module = MemoryModule(manifest["domain"], arrays, float(manifest["lora_scale"]), manifest["base_fingerprint"],
-                          manifest["mask_fingerprint"])
+                          manifest["mask_fingerprint"],
+                          centroid=np.asarray(routing["centroid"], np.float32) if routing else None,
+                          routing_layer=int(routing["layer"]) if routing else None)
     wrong = []
     if base_fingerprint is not None and module.base_fingerprint != base_fingerprint:
         wrong.append(f"base model fingerprint {module.base_fingerprint} (backbone: {base_fingerprint})")

@@ -137,5 +137,12 @@ class RunCheckpointer:
                             str(error).splitlines()[0][:300], aside)
         return None
 
+    def restore_arrays(self, step: int | None = None) -> dict:
+        """The state of `step` (default: latest) as saved: a nested dict of host arrays, no target needed."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no run checkpoint in {self.directory}")
+        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+
     def close(self) -> None:
         self.manager.close()

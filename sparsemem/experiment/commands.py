@@ -1,4 +1,4 @@
-"""`sparsemem run`, `sparsemem analyze` and `sparsemem compare` (each imports the stack it needs when it runs)."""
+"""`sparsemem run`, `analyze`, `compare`, `extend` and `route` (each imports the stack it needs when it runs)."""
 
 from __future__ import annotations
 
@@ -62,6 +62,35 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _extend(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from sparsemem.experiment import extend as extend_lib  # noqa: PLC0415
+
+    try:
+        result = extend_lib.extend(args.run, extend_lib.parse_domains(args.languages, args.folder), args.steps)
+    except (extend_lib.ExtendError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
+    for domain in result["domains"]:
+        print(f"{domain}: held-out perplexity with its memory {result['before']['ppl_memory'][domain]:.2f} -> "
+              f"{result['after']['ppl_memory'][domain]:.2f} (backbone alone {result['after']['ppl_no_memory'][domain]:.2f})")
+    return 0
+
+
+def _route(args: argparse.Namespace) -> int:
+    from sparsemem.checkpoints.memory_module import ModuleMismatchError  # noqa: PLC0415
+    from sparsemem.experiment import route as route_lib  # noqa: PLC0415
+    from sparsemem.serve.routing import RoutingError  # noqa: PLC0415
+
+    lengths = tuple(int(n) for n in args.lengths.split(","))
+    try:
+        result = route_lib.route_run(args.run, args.variant, args.documents, lengths, args.ppl_prompt,
+                                     args.continuation, args.batch_size)
+    except (RoutingError, ModuleMismatchError, FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    print(route_lib.tables(result))
+    return 0
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("run", help="train, evaluate, export and report one experiment (resumable)")
     p.add_argument("--config", required=True, help="experiments/configs/<name>.py")
@@ -76,3 +105,22 @@ def register(subparsers) -> None:
     p.add_argument("workdirs", nargs="+", help="run directories, e.g. runs/demo_06 runs/demo runs/demo_25")
     p.add_argument("--out", default=None, help="also write the markdown table to this file")
     p.set_defaults(func=_compare)
+    p = subparsers.add_parser("extend", help="add domains to a trained run: new memory modules on its frozen mask "
+                                             "and backbone (resumable)")
+    p.add_argument("--run", required=True, help="run directory written by `sparsemem run`")
+    p.add_argument("--languages", help="help-corpus languages to add, e.g. fr,es")
+    p.add_argument("--folder", action="append", metavar="NAME=PATH",
+                   help="a folder of .txt/.jsonl documents as domain NAME (repeatable)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps (default: the run's memory phase, train.steps - gate steps)")
+    p.set_defaults(func=_extend)
+    p = subparsers.add_parser("route", help="routing accuracy, routed vs oracle perplexity and routing cost on the "
+                                            "held-out text of an exported run's domains")
+    p.add_argument("--run", required=True, help="run directory (exported with `sparsemem export`)")
+    p.add_argument("--variant", default="koff")
+    p.add_argument("--documents", type=int, default=16, help="held-out sequences per domain")
+    p.add_argument("--lengths", default="8,16,32,64", help="prompt lengths in tokens")
+    p.add_argument("--ppl-prompt", type=int, default=32, help="prompt length before the scored continuation")
+    p.add_argument("--continuation", type=int, default=64, help="tokens scored after the prompt")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(func=_route)

@@ -39,10 +39,15 @@ def export_variant(run: RunDir, variant: str, trainer: KoffTrainer, state: Train
         "num_heads": cfg.num_heads,
         "d_ff": cfg.d_ff,
     })
+    save_memory_rows(run, variant, memory, domains)
+    return masks
+
+
+def save_memory_rows(run: RunDir, variant: str, memory: dict[str, np.ndarray], domains: list[str]) -> None:
+    """Write row `d` of the memory table as `export/<variant>/memory/<domains[d]>.npz` (nothing without memory)."""
     for d, name in enumerate(domains):
         if memory:
             _save_npz(run.file("export", variant, "memory", f"{name}.npz"), {k: v[d] for k, v in memory.items()})
-    return masks
 
 
 def _save_npz(path: epath.Path, arrays: dict[str, np.ndarray]) -> None:

@@ -52,16 +52,8 @@ def _train_variant(run: RunDir, config, trainer: KoffTrainer, variant: str, corp
     kcfg = trainer.kcfg
     steps = config.train.steps if kcfg.has_memory else kcfg.gate_steps  # nothing trains under a frozen mask
     checkpointer = RunCheckpointer(run.path / "checkpoints" / variant, max_to_keep=2)
-    batches = pipeline.train_batches(corpus.train, tokenizer, seq_len=config.data.seq_len,
-                                     batch_size=config.data.batch_size, seed=config.data.seed)
-    restored = checkpointer.restore_newest_readable(trainer.abstract_state)
-    if restored is not None:
-        state, data_state = restored
-        batches.set_state(data_state)
-        log.info("[%s] resuming from step %d", variant, int(state.step))
-    else:
-        prefill = kcfg.memory_init == "prefill" and kcfg.memory_slots > 0
-        state = trainer.init(setup.prefill_tokens(corpus.train, tokenizer, kcfg.memory_slots) if prefill else None)
+    batches = setup.train_batches(config, corpus.train, tokenizer)
+    state, _ = setup.resume_or_start(checkpointer, trainer, batches, corpus.train, tokenizer, variant)
     if int(state.step) < steps:
         metrics = MetricsLog(run.path, variant, corpus.names, total_steps=steps, first_step=int(state.step),
                              log_every=config.train.log_every)

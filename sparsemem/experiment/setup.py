@@ -13,6 +13,7 @@ from flax import nnx
 
 from sparsemem import files
 from sparsemem.checkpoints.hf import load_hf_checkpoint, load_tokenizer, read_config
+from sparsemem.data import pipeline
 from sparsemem.data import sources as sources_lib
 from sparsemem.data.sources import DomainSource, SubsetRecords
 from sparsemem.models.decoder import Decoder
@@ -114,3 +115,29 @@ def prefill_tokens(train: list[DomainSource], tokenizer: Tokenizer, slots: int) 
                              f"koff.memory_slots={slots} needs more (or set koff.memory_init='random')")
         rows.append(ids[:slots])
     return np.asarray(rows, np.int32)
+
+
+def train_batches(config: ml_collections.ConfigDict, sources: list[DomainSource], tokenizer: Tokenizer):
+    """The run's resumable training batches over `sources` (domain ids = positions)."""
+    return pipeline.train_batches(sources, tokenizer, seq_len=config.data.seq_len,
+                                  batch_size=config.data.batch_size, seed=config.data.seed)
+
+
+def fresh_state(trainer, sources: list[DomainSource], tokenizer: Tokenizer):
+    """`trainer.init()`, with KV memory prefilled from each source's first tokens when the config asks for it."""
+    kcfg = trainer.kcfg
+    prefill = kcfg.memory_init == "prefill" and kcfg.memory_slots > 0
+    return trainer.init(prefill_tokens(sources, tokenizer, kcfg.memory_slots) if prefill else None)
+
+
+def resume_or_start(checkpointer, trainer, batches, sources: list[DomainSource],
+                    tokenizer: Tokenizer, label: str):
+    """`(state, resumed)`: the newest readable checkpoint (moving `batches` to its data position), else a fresh state."""
+    restored = checkpointer.restore_newest_readable(trainer.abstract_state)
+    if restored is None:
+        return fresh_state(trainer, sources, tokenizer), False
+    state, data_state = restored
+    batches.set_state(data_state)
+    log.info("[%s] resuming from step %d", label, int(state.step))
+    return state, True
+

@@ -3,8 +3,9 @@
 `export` compacts a trained run's backbone and writes its memory modules. `generate`
 continues prompts with a model folder (default: the embedded Gemma-3-270M) or, with
 `--run`, with the compacted backbone and memory modules written by `sparsemem export`;
-`--domain` picks each prompt's memory module. The commands import jax and the model
-code when they run, so `sparsemem --help` stays fast.
+`--domain` picks each prompt's memory module, or `auto` routes the prompt to the module
+whose routing centroid is nearest (`sparsemem.serve.routing`). The commands import jax
+and the model code when they run, so `sparsemem --help` stays fast.
 """
 
 from __future__ import annotations
@@ -50,10 +51,11 @@ def _domains(args: argparse.Namespace) -> list[str] | None:
 def generate(args: argparse.Namespace) -> int:
     from sparsemem.checkpoints.memory_module import ModuleMismatchError  # noqa: PLC0415
     from sparsemem.serve.memory import UnknownDomainError  # noqa: PLC0415
+    from sparsemem.serve.routing import RoutingError  # noqa: PLC0415
 
     try:
         return _generate(args)
-    except (UnknownDomainError, ModuleMismatchError, FileNotFoundError) as err:
+    except (UnknownDomainError, ModuleMismatchError, RoutingError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
 
 
@@ -74,7 +76,11 @@ def _generate(args: argparse.Namespace) -> int:
         deployment = Deployment.load(folder, offload=args.offload_memory)
         log.info("loaded in %.1fs (domains: %s); generating", time.perf_counter() - start,
                  ", ".join(deployment.domains) or "none")
-        continuations = deployment.generate_text(args.prompt, _domains(args), sampling)
+        domains = _domains(args)
+        if domains is not None and "auto" in domains and deployment.tokenizer is not None:
+            routed = deployment.resolve_domains(deployment.tokenizer.encode_batch(args.prompt), domains)
+            log.info("routed: %s", ", ".join(routed))
+        continuations = deployment.generate_text(args.prompt, domains, sampling)
     else:
         if args.domain:
             raise SystemExit("error: --domain needs --run (an exported run with memory modules)")
@@ -92,7 +98,8 @@ def _generate(args: argparse.Namespace) -> int:
 def export(args: argparse.Namespace) -> int:
     from sparsemem.serve.export import export_run  # noqa: PLC0415
 
-    print(export_run(args.run, args.variant, args.out, round_to=args.round_to, merge_domain=args.merge_domain))
+    print(export_run(args.run, args.variant, args.out, round_to=args.round_to, merge_domain=args.merge_domain,
+                     routing_layer=args.routing_layer))
     return 0
 
 
@@ -106,6 +113,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--round-to", type=int, default=None,
                         help="round kept widths up to a multiple (e.g. 128) by keeping the next-best units")
     parser.add_argument("--merge-domain", help="merge this domain's LoRA into the backbone (single-domain serving)")
+    parser.add_argument("--routing-layer", type=int, default=None,
+                        help="block whose mean hidden state routes prompts (default: the middle block)")
     parser.set_defaults(func=export)
     parser = subparsers.add_parser("generate", help="continue text prompts with a model or an exported run",
                                    description=__doc__)
@@ -116,7 +125,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--run", help="run directory (or export folder) written by `sparsemem export`")
     parser.add_argument("--variant", default="koff", help="with --run: the exported variant (default: koff)")
     parser.add_argument("--domain", action="append",
-                        help="with --run: memory module to use; once for all prompts or once per prompt")
+                        help="with --run: memory module to use, or 'auto' to route each prompt; once for all "
+                             "prompts or once per prompt")
     parser.add_argument("--offload-memory", action="store_true",
                         help="with --run: keep the memory table in host memory, fetch rows per batch")
     parser.add_argument("--max-new-tokens", type=int, default=32)

@@ -7,7 +7,11 @@ modules/<domain>/    manifest.json, memory.safetensors
 ```
 `Deployment.load` refuses modules whose fingerprints differ from the backbone's.
 When the backbone has one domain's LoRA merged into its weights, only that domain
-is served, with its KV memory (its LoRA is already in the weights).
+is served, with its KV memory (its LoRA is already in the weights). Modules whose
+manifests carry routing centroids give a `CentroidRouter`: a row whose domain is
+`"auto"` is sent to the memory its prompt is nearest to (`sparsemem.serve.routing`).
+Modules exported at another time (e.g. after `sparsemem extend`) load side by side
+as long as their fingerprints match the backbone's.
 """
 
 from __future__ import annotations
@@ -23,7 +27,24 @@ from sparsemem.checkpoints.memory_module import MemoryModule, ModuleMismatchErro
 from sparsemem.serve.backbone import Backbone, load_backbone
 from sparsemem.serve.generate import SamplingConfig, generate_ids
 from sparsemem.serve.memory import MemoryBank, UnknownDomainError
+from sparsemem.serve.routing import CentroidRouter, RoutingError
 from sparsemem.tokenizer import Tokenizer
+
+AUTO = "auto"  # the domain name that asks for routing
+
+
+def centroid_router(modules: Sequence[MemoryModule]) -> CentroidRouter | None:
+    """The router over `modules`' centroids, or None if none carries one."""
+    if not any(m.centroid is not None for m in modules):
+        return None
+    missing = [m.domain for m in modules if m.centroid is None]
+    layers = {m.routing_layer for m in modules if m.centroid is not None}
+    if missing or len(layers) > 1:
+        problem = (f"modules {missing} have no routing centroid" if missing
+                   else f"centroids come from different layers {sorted(layers)}")
+        raise RoutingError(f"cannot route between these modules: {problem}; export them again with the same "
+                           "backbone (`sparsemem export --run ...`)")
+    return CentroidRouter(tuple(m.domain for m in modules), np.stack([m.centroid for m in modules]), layers.pop())
 
 
 def stack_modules(modules: Sequence[MemoryModule], drop_lora: bool = False) -> tuple[dict[str, np.ndarray], float]:
@@ -43,6 +64,7 @@ class Deployment:
     backbone: Backbone
     bank: MemoryBank | None
     tokenizer: Tokenizer | None
+    router: CentroidRouter | None = None
 
     @classmethod
     def load(cls, path: str | pathlib.Path, *, offload: bool = False) -> "Deployment":
@@ -62,22 +84,39 @@ class Deployment:
             table, scale = stack_modules(modules, drop_lora=backbone.merged_domain is not None)
             bank = MemoryBank(cfg, backbone.layout, [m.domain for m in modules], table, scale, offload=offload)
         tokenizer = load_tokenizer(path / "backbone", cfg) if (path / "backbone" / "tokenizer.json").exists() else None
-        return cls(backbone, bank, tokenizer)
+        return cls(backbone, bank, tokenizer, centroid_router(modules))
 
     @property
     def domains(self) -> tuple[str, ...]:
         return self.bank.domains if self.bank is not None else ()
 
+    def route(self, prompts: list[list[int]]) -> list[str]:
+        """The domain of each prompt (token ids) by nearest centroid."""
+        if self.router is None:
+            raise RoutingError("this export's module manifests carry no routing centroids; "
+                               "export the run again (`sparsemem export --run ...`) to add them, or name the domain")
+        return self.router.route(self.backbone.model, prompts, self.backbone.model.cfg.bos_id)
+
+    def resolve_domains(self, prompts: list[list[int]], domains: Sequence[str]) -> list[str]:
+        """`domains` with every `"auto"` replaced by the routed domain of its prompt."""
+        if len(domains) != len(prompts):
+            raise ValueError(f"{len(domains)} domains for {len(prompts)} prompts; give one domain per prompt")
+        auto = [i for i, d in enumerate(domains) if d == AUTO]
+        routed = dict(zip(auto, self.route([prompts[i] for i in auto]))) if auto else {}
+        return [routed.get(i, d) for i, d in enumerate(domains)]
+
     def generate_ids(self, prompts: list[list[int]], domains: Sequence[str] | None,
                      sampling: SamplingConfig) -> list[list[int]]:
-        """Continue prompt `i` with domain `domains[i]`'s memory (`domains=None`: the bare backbone)."""
+        """Continue prompt `i` with domain `domains[i]`'s memory (`domains=None`: the bare backbone).
+
+        A domain `"auto"` is routed from its prompt (`route`).
+        """
         memory = None
         if domains is not None:
+            domains = self.resolve_domains(prompts, domains)
             if self.bank is None:
                 raise UnknownDomainError(f"unknown domain(s) {sorted(set(domains))}: this export has no memory "
                                          "modules")
-            if len(domains) != len(prompts):
-                raise ValueError(f"{len(domains)} domains for {len(prompts)} prompts; give one domain per prompt")
             memory = self.bank.rows(domains)
         cfg = self.backbone.model.cfg
         return generate_ids(self.backbone.model, prompts, sampling, memory=memory, pad_id=cfg.pad_id,
