@@ -6,6 +6,7 @@ import pathlib
 import zipfile
 
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
 from sparsemem.experiment.rundir import RunDir
@@ -26,7 +27,7 @@ def export_variant(run: RunDir, variant: str, trainer: KoffTrainer, state: Train
     memory = multihost_utils.process_allgather(state.memory, tiled=True)  # every process takes part
     if not run.primary:
         return masks
-    _save_npz(run.file("export", variant, "mask.npz"), masks)
+    save_npz(run.file("export", variant, "mask.npz"), masks)
     remaining = sparsity.remaining_params(cfg, masks)
     run.write_json(f"export/{variant}/sparsity.json", {
         "target": kcfg.target_sparsity,
@@ -40,11 +41,11 @@ def export_variant(run: RunDir, variant: str, trainer: KoffTrainer, state: Train
     })
     for d, name in enumerate(domains):
         if memory:
-            _save_npz(run.file("export", variant, "memory", f"{name}.npz"), {k: v[d] for k, v in memory.items()})
+            save_npz(run.file("export", variant, "memory", f"{name}.npz"), {k: v[d] for k, v in memory.items()})
     return masks
 
 
-def _save_npz(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
+def save_npz(path: epath.Path, arrays: dict[str, np.ndarray]) -> None:
     def write(tmp: pathlib.Path) -> None:
         with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to the temporary name
             np.savez(f, **arrays)
@@ -58,7 +59,7 @@ def load_mask(run: RunDir, variant: str) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"{path} not found: the run has not finished training variant {variant!r}; "
                                 "rerun `sparsemem run` with its config to complete it")
     try:
-        with np.load(path) as data:
+        with path.open("rb") as f, np.load(f) as data:
             return dict(data)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
         raise DamagedFileError(path, str(error), "rerun `sparsemem run` with the run's config: it exports the mask "

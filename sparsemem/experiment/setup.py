@@ -61,7 +61,7 @@ class Corpus:
     held_out: list[DomainSource]  # held-out paragraphs (capped, evenly spread): the memory-swap matrix
     held_out_all: list[DomainSource]  # the whole held-out paragraph split (multiple-choice questions)
     aligned: bool  # held_out[i].records[j] translates held_out[k].records[j]
-    held_out_pages: list[DomainSource] | None = None  # every held-out page (help corpus; activation statistics)
+    all_documents: list[DomainSource]  # the whole held-out split of `data.unit` documents (MC, activation statistics)
 
 
 def spread(source: DomainSource, count: int) -> DomainSource:
@@ -101,13 +101,27 @@ def load_corpus(config: ml_collections.ConfigDict) -> Corpus:
         held = sources_lib.text_folder_sources(d.folder, e.split, data_dir=data_dir)
         documents, aligned = held, False
     return Corpus([s.name for s in train], train, [spread(s, e.documents) for s in documents],
-                  [spread(s, e.paragraphs) for s in held], held, aligned, pages)
+                  [spread(s, e.paragraphs) for s in held], held, aligned, documents)
 
 
 def token_ids(source: DomainSource, tokenizer: Tokenizer) -> list[list[int]]:
     """Every record of `source` tokenised with BOS."""
     texts = [source.text(source.records[i]) for i in range(len(source.records))]
     return tokenizer.encode_batch(texts, add_bos=True)
+
+
+def documents_up_to(source: DomainSource, tokenizer: Tokenizer, tokens: int) -> list[list[int]]:
+    """Whole documents of `source` (with BOS), evenly spread over it, until they hold >= `tokens` tokens (or all)."""
+    n = len(source.records)
+    order = np.argsort(np.arange(n) * 0.6180339887 % 1.0, kind="stable")  # golden-ratio order: spread at any prefix
+    out, total = [], 0
+    for i in order:
+        if total >= tokens:
+            break
+        ids = tokenizer.encode(source.text(source.records[int(i)]), add_bos=True)
+        out.append(ids)
+        total += len(ids)
+    return out
 
 
 def prefill_tokens(train: list[DomainSource], tokenizer: Tokenizer, slots: int) -> np.ndarray:
