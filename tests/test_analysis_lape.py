@@ -35,11 +35,11 @@ def test_removal_test_detects_preferential_removal_and_chance():
     removed = np.zeros((4, 100), bool)
     removed[:, :10] = True  # all specific ones removed, plus 10 others per layer
     removed[:, 50:60] = True
-    out = lape.removal_test(specific, removed, permutations=200, resamples=200)
+    out = lape.removal_test(specific, removed, permutations=200)
     assert out["removed_among_chosen"] == 1.0 and out["removed_among_all"] == 0.2
     assert abs(out["chance_mean"] - 0.2) < 0.03 and out["p_removed"] < 0.01 and out["p_kept"] == 1.0
-    assert out["effect"]["estimate"] == pytest.approx(0.8) and out["effect"]["low"] > 0.5
-    kept = lape.removal_test(specific, np.roll(removed, 25, axis=1), permutations=200, resamples=200)
+    assert out["effect"]["estimate"] == pytest.approx(0.8, abs=0.02) and out["effect"]["low"] > 0.5
+    kept = lape.removal_test(specific, np.roll(removed, 25, axis=1), permutations=200)
     assert kept["removed_among_chosen"] == 0.0 and kept["p_removed"] == 1.0 and kept["p_kept"] < 0.01
     assert kept["effect"]["high"] < 0  # preferentially kept: the interval is below chance
 
@@ -50,9 +50,19 @@ def test_removal_effect_is_inconclusive_when_the_mask_ignores_the_neurons():
     verdicts = []
     for seed in range(10):
         removed = np.random.default_rng(seed).random((6, 400)) < 0.2
-        effect = lape.removal_test(chosen, removed, permutations=100, resamples=300)["effect"]
+        effect = lape.removal_test(chosen, removed, permutations=200, seed=seed)["effect"]
         verdicts.append(bootstrap.Interval(**effect).verdict(0.0, ">"))
     assert verdicts.count(bootstrap.INCONCLUSIVE) >= 8
+
+
+def test_a_small_set_none_of_which_is_removed_is_not_called_kept():
+    chosen = np.zeros((2, 100), bool)
+    chosen[:, :3] = True  # 6 neurons, none removed; 20% of all removed: P(0 of 6) = 0.26 under chance
+    removed = np.zeros((2, 100), bool)
+    removed[:, 50:70] = True
+    out = lape.removal_test(chosen, removed, permutations=500)
+    assert out["p_kept"] > 0.05
+    assert bootstrap.Interval(**out["effect"]).verdict(0.0, "<") == bootstrap.INCONCLUSIVE
 
 
 def test_general_neurons_are_the_high_entropy_active_ones():

@@ -2,14 +2,16 @@
 
 sparsemem run --config experiments/configs/demo.py
 
-Budget (<= 30 min on 2 cores, at ~5 s per 4 x 128-token step with memory, ~2.5 s without):
-- training, 24 steps per variant: 7 variants with memory x 24 x 5 s = 840 s; prune_only's
-  10 gate steps x 2.5 s = 25 s; random_mask and score_mask train nothing (frozen mask, no
-  memory); Taylor scores on 4 calibration batches ~ 10 s. About 15 min.
-- evaluation: 11 settings x 8 whole test pages per domain (~10k tokens per setting at
-  ~250 tokens/s: ~40 s each) ~ 7.5 min; memory swap 4 x 16 paragraphs per domain ~ 0.5 min;
-  multiple choice 8 questions per domain and task for 2 settings ~ 2.5 min.
-- LAPE on 2,000 tokens per domain (~L/2 = 9 forwards per token) ~ 3 min; setup ~ 1 min.
+Budget (<= 30 min on 2 cores), from the last measured demo (docs/experiments.md: ~6 s per
+4 x 128-token step, gate or memory, evaluation ~200 tokens/s):
+- training, 20 steps per variant: 7 variants with memory x 20 x 6 s = 840 s; prune_only's
+  8 gate steps x 6 s = 48 s; random_mask and score_mask train nothing (frozen mask, no
+  memory); Taylor scores on 4 calibration batches ~ 20 s. About 15 min.
+- evaluation: 11 settings x 8 whole test pages per domain (~1.6k tokens per domain, ~6.5k
+  per setting: ~35 s each) ~ 6.5 min; memory swap 4 x 16 paragraphs per domain ~ 0.5 min;
+  multiple choice, 8 questions per domain and task for 2 settings (~26k tokens) ~ 2 min.
+- LAPE on 2,000 tokens per domain (a cut decoder per layer: ~9 forwards per token) ~ 4 min;
+  setup ~ 0.5 min. Total ~ 28 min. Raise train.steps as the train step gets faster.
 At this size the intervals are wide: the report's verdicts say so (most comparisons come
 out inconclusive); experiments/configs/koff_small.py is the GPU-sized run with the power
 (>= 1,000 questions per task, every test page, 50k LAPE tokens per language, 3 seeds).
@@ -30,7 +32,7 @@ def get_config():
     c.koff.memory_slots = 16
     c.koff.lora_rank = 8
     c.koff.lora_targets = ("q", "v", "o", "down")
-    # 24 steps: the gates train for the first 10 (the target ramps up over 5), then the mask is
+    # 20 steps: the gates train for the first 8 (the target ramps up over 4), then the mask is
     # frozen at 12% and the memories train under it. Learning rates were tuned on the paragraph
     # corpus's test split (docs/experiments.md, "Gate dynamics"); retune with --set eval.split=validation.
     c.koff.warmup_fraction = 0.2
@@ -38,11 +40,11 @@ def get_config():
     c.koff.gate_lr = 0.3
     c.koff.memory_lr = 1e-3  # 5e-3 made the train loss worse than no memory (docs/experiments.md)
     c.koff.lambda_lr = 0.05
-    c.train.steps = 24
+    c.train.steps = 20
     c.train.variants = ("koff", "prune_only", "lora_only", "kv_only", "dense_memory", "random_mask",
                         "random_mask_memory", "score_mask", "score_mask_memory")
     c.train.calibration_batches = 4
-    c.train.save_every = 12
+    c.train.save_every = 10
     c.train.log_every = 4
     c.eval.split = "test"  # the final report
     c.eval.documents = 8

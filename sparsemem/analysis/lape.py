@@ -9,7 +9,7 @@ largest activation probability is at least the `min_activation_quantile` quantil
 are "language-specific"; the same fraction with the highest entropy are "language-general".
 For each set we compare the fraction the mask removes with random neuron sets of the
 same size and count per layer (a layer-stratified permutation test, both tails) and give
-the effect (removed fraction minus its chance expectation) with a bootstrap interval.
+the effect (removed fraction minus chance) with the interval that inverts that test.
 
 Activations are read exactly without any capture hook: a copy of the decoder cut
 after layer l, whose last MLP is switched off (`neuron_scale` 0) and whose final norm
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparsemem.evaluation import bootstrap
+from sparsemem.evaluation import bootstrap  # Interval: the effect's interval and verdict
 from sparsemem.models.decoder import Decoder
 from sparsemem.models.hooks import Hooks
 
@@ -111,15 +111,17 @@ def general_neurons(probs: np.ndarray, *, fraction: float, min_activation_quanti
     return _ranked_neurons(probs, fraction=fraction, min_activation_quantile=min_activation_quantile, lowest=False)
 
 
-def removal_test(chosen: np.ndarray, removed: np.ndarray, *, permutations: int, resamples: int = 2000,
-                 seed: int = 0) -> dict:
+def removal_test(chosen: np.ndarray, removed: np.ndarray, *, permutations: int, seed: int = 0,
+                 level: float = 0.95) -> dict:
     """Removed fraction among the `chosen` neurons vs chance, in both directions.
 
     Chance is a random neuron set of the same size per layer (layer-stratified
     permutations); `p_removed` / `p_kept` are the one-sided p-values for "removed more
-    / less often than chance". `effect` is the removed fraction minus its layer-stratified
-    expectation (percentage points / 100), with a bootstrap interval over the chosen
-    neurons resampled within their layers.
+    / less often than chance". `effect` is the removed fraction minus chance's mean, with
+    the interval that inverts the permutation test under a shift (observed minus the
+    null's central `level` spread): it excludes 0 exactly when the two-sided test at
+    1 - `level` rejects, and it stays honest for small sets where resampling the set
+    itself would have no spread (e.g. none of them removed).
     """
     observed = float(removed[chosen].mean()) if chosen.any() else float("nan")
     rng = np.random.default_rng(seed)
@@ -131,23 +133,20 @@ def removal_test(chosen: np.ndarray, removed: np.ndarray, *, permutations: int, 
             if k:
                 hits += removed[layer, rng.choice(removed.shape[1], k, replace=False)].sum()
         draws[i] = hits / max(per_layer.sum(), 1)
-    expected = float(np.sum(per_layer * removed.mean(1)) / max(per_layer.sum(), 1))
-    layers, _ = np.nonzero(chosen)
-    values = removed[chosen].astype(float)
-    interval = (bootstrap.bootstrap(lambda idx: float(values[idx].mean()) - expected, layers, resamples=resamples,
-                                    seed=seed)
-                if chosen.any() else bootstrap.Interval(float("nan"), float("nan"), float("nan")))
+    tail = (1.0 - level) / 2
+    spread_low, spread_high = np.quantile(draws - draws.mean(), [tail, 1.0 - tail])
+    effect = observed - draws.mean()
     return {"neurons": int(chosen.sum()), "removed_among_chosen": observed,
             "removed_among_all": float(removed.mean()), "chance_mean": float(draws.mean()),
             "chance_95": float(np.quantile(draws, 0.95)),
             "p_removed": float((np.sum(draws >= observed) + 1) / (permutations + 1)),
             "p_kept": float((np.sum(draws <= observed) + 1) / (permutations + 1)),
-            "effect": interval.as_dict()}
+            "effect": bootstrap.Interval(float(effect), float(effect - spread_high), float(effect - spread_low),
+                                         level).as_dict()}
 
 
 def specialisation(probs: np.ndarray, masks: dict[str, dict[str, np.ndarray]], domains: list[str], *,
-                   fraction: float, min_activation_quantile: float, permutations: int, tokens: list[int],
-                   resamples: int = 2000) -> dict:
+                   fraction: float, min_activation_quantile: float, permutations: int, tokens: list[int]) -> dict:
     """The analysis the report shows, for every variant's neuron mask.
 
     Per mask, two tests: language-specific neurons (claim: preferentially removed) and
@@ -164,8 +163,7 @@ def specialisation(probs: np.ndarray, masks: dict[str, dict[str, np.ndarray]], d
         "specific_per_layer": sets["specific"].sum(1).astype(int).tolist(),
         "specific_by_domain": {d: int(np.sum(sets["specific"] & (dominant == i))) for i, d in enumerate(domains)},
         "entropy_max": float(np.log(len(domains))),
-        "tests": {variant: {name: removal_test(chosen, m["neuron"] == 0, permutations=permutations,
-                                               resamples=resamples)
+        "tests": {variant: {name: removal_test(chosen, m["neuron"] == 0, permutations=permutations)
                             for name, chosen in sets.items()}
                   for variant, m in masks.items()},
         "entropy_hist": {variant: {"removed": np.histogram(entropy[m["neuron"] == 0], bins=20,

@@ -114,6 +114,17 @@ def swap_claim(results: dict, *, resamples: int = 2000, seed: int = 0) -> list[C
                   bootstrap.bootstrap(advantage, domain, resamples=resamples, seed=seed), 0.0, ">")]
 
 
+def mean_accuracy(correct: np.ndarray, domain: np.ndarray, num_domains: int):
+    """Statistic: mean over the domains that have questions of each domain's accuracy, on the questions indexed."""
+
+    def statistic(idx: np.ndarray) -> float:
+        with np.errstate(invalid="ignore", divide="ignore"):  # a domain without questions is NaN and left out
+            return float(np.nanmean(np.bincount(domain[idx], correct[idx], num_domains)
+                                    / np.bincount(domain[idx], minlength=num_domains)))
+
+    return statistic
+
+
 def mc_claims(results: dict, *, resamples: int = 2000, seed: int = 0) -> list[Claim]:
     """KOFF answers more multiple-choice questions than pruning without memories (per task)."""
     out = []
@@ -123,14 +134,9 @@ def mc_claims(results: dict, *, resamples: int = 2000, seed: int = 0) -> list[Cl
         other = base if base in correct else "pruned" if "pruned" in correct else None
         if "koff" not in correct or other is None or len(strata) == 0:
             continue
-        koff, ref = np.asarray(correct["koff"], float), np.asarray(correct[other], float)
         D = len(results["domains"])
-
-        def accuracy(values):
-            return lambda idx: float(np.nanmean(np.bincount(strata[idx], values[idx], D)
-                                                / np.bincount(strata[idx], minlength=D)))
-
-        acc_koff, acc_ref = accuracy(koff), accuracy(ref)
+        acc_koff = mean_accuracy(np.asarray(correct["koff"], float), strata, D)
+        acc_ref = mean_accuracy(np.asarray(correct[other], float), strata, D)
         out.append(Claim(f"KOFF beats {results['settings'][other]} at multiple choice ({task})",
                          f"accuracy(KOFF) - accuracy({results['settings'][other]})",
                          bootstrap.bootstrap(lambda idx: acc_koff(idx) - acc_ref(idx), strata, resamples=resamples,

@@ -27,7 +27,7 @@ VARIANTS = {
     "prune_only": _NO_MEMORY,
     "lora_only": {"memory_slots": 0},
     "kv_only": {"lora_rank": 0, "lora_targets": ()},
-    "dense_memory": {},
+    "dense_memory": {"target_sparsity": 0.0},  # its metrics and export say 0%: the mask is all ones
     "random_mask": _NO_MEMORY,
     "random_mask_memory": {},
     "score_mask": _NO_MEMORY,

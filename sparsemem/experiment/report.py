@@ -74,9 +74,7 @@ def mc_table(results: dict, task: str) -> str:
     strata = np.asarray(results.get("mc_domain", {}).get(task, []))
 
     def interval(name):
-        values = np.asarray(correct[name], float)
-        mean = lambda idx: float(np.nanmean(np.bincount(strata[idx], values[idx], len(domains))  # noqa: E731
-                                            / np.bincount(strata[idx], minlength=len(domains))))
+        mean = claims_lib.mean_accuracy(np.asarray(correct[name], float), strata, len(domains))
         iv = bootstrap.bootstrap(mean, strata, resamples=1000)
         return f"[{iv.low:.3f}, {iv.high:.3f}]"
 
