@@ -5,6 +5,7 @@ import pytest
 from flax import nnx
 
 from sparsemem.evaluation import settings as settings_lib
+from sparsemem.experiment import config as config_lib
 from sparsemem.evaluation.documents import document_batches
 from sparsemem.evaluation.scoring import Scorer, document_losses
 from sparsemem.koff.config import KoffConfig
@@ -91,7 +92,12 @@ def test_settings_use_retrained_ablations_when_trained():
     assert "pruned_retrained" not in jointly
     assert jointly["pruned_lora"].memory == "koff" and jointly["pruned_lora"].parts == ("lora",)
     alone = settings_lib.resolve(("koff", "prune_only", "lora_only", "kv_only"))
-    assert list(alone) == list(settings_lib.SETTINGS)
+    assert list(alone) == list(settings_lib.SETTINGS[:7])  # the baseline settings need their variants
+    assert alone["dense_memory"].mask is None and alone["dense_memory"].memory == "koff"
+    every = settings_lib.resolve(config_lib.VARIANTS)
+    assert list(every) == list(settings_lib.SETTINGS)
+    assert every["dense_memory"].mask == every["dense_memory"].memory == "dense_memory"
+    assert every["random_mask"].memory is None and every["score_mask_memory"].memory == "score_mask_memory"
     assert alone["pruned_kv"].mask == "kv_only" and alone["pruned_kv"].memory == "kv_only"
     assert alone["pruned_retrained"].memory is None
     table = {"k": 1, "v": 2, "q_a": 3, "q_b": 4}
