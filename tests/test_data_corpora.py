@@ -10,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from sparsemem import cli
-from sparsemem.data import debian_packages, libreoffice_help, sources, splits, text_folder
+from sparsemem.data import debian_packages, libreoffice_help, pages, sources, splits, text_folder
 
 LANGUAGES = ("en-US", "de", "fr")
 PAGES = [f"text/swriter/page{i}" for i in range(80)]
@@ -94,6 +94,20 @@ def test_no_page_in_two_splits(help_corpus):
     assert not pages_of["validation"] & pages_of["test"]
     for split, pages in pages_of.items():
         assert {splits.split_of(page.decode()) for page in pages} == {split}
+
+
+def test_page_view_joins_each_pages_paragraphs_in_reading_order(help_corpus):
+    data_dir, manual = help_corpus
+    (german,) = sources.libreoffice_sources(["de"], "test", data_dir=data_dir, manual_dir=manual)
+    view = pages.page_source(german)
+    test_pages = sorted(page for page in PAGES if splits.split_of(page) == "test")
+    assert [r["page_id"] for r in view.records] == test_pages
+    for record in view.records:
+        n = int(record["page_id"].rsplit("page", 1)[1])
+        paragraphs = [f"Schreiber page {n}", f"The Schreiber explains topic {n} in prose."]
+        paragraphs += [] if n % 4 == 0 else [f"Schreiber {n}."]  # untranslated: dropped
+        assert view.text(record) == "\n\n".join(paragraphs)
+    assert sum(view.text(r).count("\n\n") + 1 for r in view.records) == len(german.records)
 
 
 def test_aligned_view_has_identical_ids_in_every_language(help_corpus):

@@ -95,3 +95,31 @@ def test_baseline_likelihood_is_subtracted():
     plain = mc.Question(0, (2, 5), choices, answer=0)
     gain = mc.Question(1, (2, 5), choices, answer=1, baseline=(2,))
     np.testing.assert_allclose(mc.accuracy(SourceHelpsNines(), [plain, gain], 2, batch_size=4, pad_id=0), [1.0, 1.0])
+
+
+def test_same_page_distractors_are_the_documents_own_later_windows_then_similar_lengths():
+    ids = [_paragraphs(0, [30, 9, 9, 9, 9, 40])]  # documents 0 and 5 hold 4 windows of 4 after a 4-token prompt
+    questions = mc.build_questions(ids, num_questions=6, prompt_tokens=4, continuation_tokens=4, aligned=False,
+                                   distractors="same_page")
+    for q in questions:
+        document = q.prompt[1] // 100
+        windows = {tuple(ids[0][document][5 + 4 * k:9 + 4 * k]) for k in range(4)}
+        if len(ids[0][document]) >= 1 + 4 + 16:
+            assert set(q.choices) == windows  # every distractor from the same page
+        else:
+            assert {c[0] // 100 for c in q.choices if c != q.choices[q.answer]} <= {1, 2, 3, 4}  # nearest lengths
+    with pytest.raises(ValueError, match="distractors"):
+        mc.build_questions(ids, num_questions=1, prompt_tokens=4, continuation_tokens=4, aligned=False,
+                           distractors="hard")
+
+
+def test_same_page_translation_distractors_come_from_the_same_page_first():
+    lengths = [10, 12, 15, 9, 20, 11, 14, 13]
+    ids = [_paragraphs(0, lengths), _paragraphs(10_000, lengths)]
+    pages = ["a", "a", "a", "a", "b", "b", "b", "b"]
+    questions = mc.build_translation_questions(ids, source=0, num_questions=8, prompt_tokens=5, continuation_tokens=4,
+                                               separator=[9], distractors="same_page", pages=pages)
+    assert len(questions) == 8
+    for q in questions:
+        page = pages[q.prompt[1] // 100]
+        assert {pages[(c[0] - 10_000) // 100] for c in q.choices} == {page}

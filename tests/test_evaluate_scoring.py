@@ -5,7 +5,9 @@ import pytest
 from flax import nnx
 
 from sparsemem.evaluation import settings as settings_lib
-from sparsemem.evaluation.scoring import Scorer, domain_losses
+from sparsemem.experiment import config as config_lib
+from sparsemem.evaluation.documents import document_batches
+from sparsemem.evaluation.scoring import Scorer, document_losses
 from sparsemem.koff.config import KoffConfig
 from sparsemem.models.config import preset
 from sparsemem.models.decoder import Decoder
@@ -60,12 +62,29 @@ def test_mask_and_memory_change_losses_and_swap_picks_the_row(setup):
     assert not np.allclose(kv, own, rtol=1e-3) and not np.allclose(kv, dense, rtol=1e-3)
 
 
-def test_domain_losses_sum_rows_by_domain(setup):
-    _, scorer, _, batch = setup
-    rows, tokens = scorer.row_losses(batch)
-    loss, count = domain_losses(scorer, [batch, batch], 3)
-    np.testing.assert_allclose(loss, 2 * np.bincount(batch["domain"], rows, 3), rtol=1e-6)
-    np.testing.assert_allclose(count, 2 * np.bincount(batch["domain"], tokens, 3))
+def test_document_losses_equal_each_document_scored_alone(setup):
+    decoder, scorer, _, _ = setup
+    rng = np.random.default_rng(1)
+    seq_len, eos = 10, 1
+    docs = [[[2, *rng.integers(3, 300, n)] for n in lengths] for lengths in ([3, 14, 5], [25, 1])]  # 14, 25: split
+    packed = document_batches(docs, eos_id=eos, pad_id=0, seq_len=seq_len, batch_size=3, first_position=2)
+    got = document_losses(scorer, packed)
+    np.testing.assert_array_equal(packed.domain, [0, 0, 0, 1, 1])
+    np.testing.assert_array_equal(packed.tokens, [4, 15, 6, 26, 2])  # every target once: text + EOS
+    for n, ids in enumerate(ids for domain in docs for ids in domain):
+        tokens = np.asarray([*ids, eos])
+        expected, first = 0.0, None
+        for start in range(0, len(tokens) - 1, seq_len):  # pieces do not see each other, as in training
+            piece = tokens[start:start + seq_len + 1]
+            positions = 2 + np.arange(len(piece) - 1)[None]
+            hidden, _ = decoder(piece[None, :-1], positions=positions)
+            ce = np.asarray(token_cross_entropy(decoder, hidden, piece[None, 1:]))[0]
+            expected += ce.sum()
+            first = ce[0] if first is None else first
+        np.testing.assert_allclose(got.loss[n], expected, rtol=1e-5)
+        np.testing.assert_allclose(got.first[n], first, rtol=1e-5)
+    np.testing.assert_allclose(got.by_offset.sum(), got.loss.sum(), rtol=1e-6)
+    assert got.count_by_offset.sum() == packed.tokens.sum() and got.count_by_offset[0] == 5
 
 
 def test_settings_use_retrained_ablations_when_trained():
@@ -73,7 +92,12 @@ def test_settings_use_retrained_ablations_when_trained():
     assert "pruned_retrained" not in jointly
     assert jointly["pruned_lora"].memory == "koff" and jointly["pruned_lora"].parts == ("lora",)
     alone = settings_lib.resolve(("koff", "prune_only", "lora_only", "kv_only"))
-    assert list(alone) == list(settings_lib.SETTINGS)
+    assert list(alone) == list(settings_lib.SETTINGS[:7])  # the baseline settings need their variants
+    assert alone["dense_memory"].mask is None and alone["dense_memory"].memory == "koff"
+    every = settings_lib.resolve(config_lib.VARIANTS)
+    assert list(every) == list(settings_lib.SETTINGS)
+    assert every["dense_memory"].mask == every["dense_memory"].memory == "dense_memory"
+    assert every["random_mask"].memory is None and every["score_mask_memory"].memory == "score_mask_memory"
     assert alone["pruned_kv"].mask == "kv_only" and alone["pruned_kv"].memory == "kv_only"
     assert alone["pruned_retrained"].memory is None
     table = {"k": 1, "v": 2, "q_a": 3, "q_b": 4}

@@ -81,6 +81,20 @@ def test_variants_map_to_koff_configs():
     assert config_lib.koff_config(config, 3, "kv_only").lora_rank == 0
     lora = config_lib.koff_config(config, 3, "lora_only")
     assert lora.memory_slots == 0 and lora.lora_rank == config.koff.lora_rank and lora.num_domains == 3
+    assert config_lib.koff_config(config, 3, "dense_memory").target_sparsity == 0.0
+    assert config_lib.koff_config(config, 3, "score_mask").has_memory is False
+    assert config_lib.koff_config(config, 3, "random_mask_memory").has_memory
+    assert {config_lib.mask_source(v) for v in config_lib.VARIANTS} == {"gates", "dense", "random", "score"}
+
+
+@pytest.mark.parametrize("override, message", [("data.unit=sentence", "data.unit"),
+                                               ("eval.mc_distractors=hard", "eval.mc_distractors"),
+                                               ("train.seeds=0", "train.seeds=0 must be >= 1"),
+                                               ("eval.documents=0", "eval.documents=0 must be >= 1")])
+def test_new_evaluation_keys_are_validated(override, message):
+    config = config_lib.load_config(CONFIGS / "ci.py")
+    with pytest.raises(ValueError, match=message):
+        config_lib.apply_overrides(config, [override])
 
 
 def test_a_run_made_before_a_schema_key_existed_resumes_with_its_default(tmp_path):

@@ -14,11 +14,15 @@ import numpy as np
 import pytest
 
 from sparsemem import cli
+from sparsemem.experiment.config import trains_gates
 from sparsemem.experiment.metrics import read_metrics
 
 ROOT = pathlib.Path(__file__).parent.parent
 CI = str(ROOT / "experiments" / "configs" / "ci.py")
-STEPS, VARIANTS = 4, ("koff", "prune_only", "prune_then_memory", "lora_only", "kv_only")
+STEPS = 4
+VARIANTS = ("koff", "prune_only", "prune_then_memory", "lora_only", "kv_only", "dense_memory", "random_mask",
+            "random_mask_memory", "score_mask", "score_mask_memory")
+NOTHING_TO_TRAIN = ("random_mask", "score_mask")  # a fixed mask and no memory
 
 pytestmark = pytest.mark.slow
 
@@ -35,14 +39,16 @@ def test_run_writes_every_artefact(ci_run):
     assert config["train"]["steps"] == STEPS
     metrics = read_metrics(ci_run)
     for variant in VARIANTS:
-        assert [m["step"] for m in metrics if m["variant"] == variant] == list(range(1, STEPS + 1))  # joint
-        assert list((ci_run / "tensorboard" / variant).glob("events.out.tfevents.*"))
+        steps = 0 if variant in NOTHING_TO_TRAIN else STEPS  # joint training: every step
+        assert [m["step"] for m in metrics if m["variant"] == variant] == list(range(1, steps + 1))
+        assert bool(list((ci_run / "tensorboard" / variant).glob("events.out.tfevents.*"))) == (steps > 0)
         sparsity = json.loads((ci_run / "export" / variant / "sparsity.json").read_text())
-        assert abs(sparsity["prunable"] - config["koff"]["target_sparsity"]) < 0.02
+        target = 0.0 if variant == "dense_memory" else config["koff"]["target_sparsity"]
+        assert abs(sparsity["prunable"] - target) < 0.02
         with np.load(ci_run / "export" / variant / "mask.npz") as mask:
             assert set(mask) == {"head", "neuron"} and set(np.unique(mask["neuron"])) <= {0.0, 1.0}
         assert (ci_run / "export" / variant / "gates.npz").exists()
-        if variant != "prune_then_memory":  # no gates of its own
+        if trains_gates(variant):  # the others train under a fixed mask
             gap = json.loads((ci_run / "export" / variant / "controller.json").read_text())
             assert np.isclose(gap["gap"], gap["sampled"] - gap["deterministic"]) and gap["deterministic"] > 0
     with np.load(ci_run / "export" / "prune_only" / "mask.npz") as pruned, \
@@ -59,12 +65,20 @@ def test_run_writes_every_artefact(ci_run):
 
     results = json.loads((ci_run / "eval.json").read_text())
     assert list(results["perplexity"]) == ["dense", "dense_memory", "pruned", "pruned_retrained", "pruned_lora",
-                                           "pruned_kv", "prune_then_memory", "koff"]
+                                           "pruned_kv", "prune_then_memory", "koff", "random_mask",
+                                           "random_mask_memory", "score_mask", "score_mask_memory"]
     assert "(from KOFF)" not in results["settings"]["pruned_lora"]  # lora_only was trained on its own
+    assert "trained unpruned" in results["settings"]["dense_memory"]
+    pages, paragraphs = results["documents"], results["swap"]["documents"]
+    assert len(pages["domain"]) == 2 * config["eval"]["documents"]  # whole pages for perplexity ...
+    assert np.mean(pages["tokens"]) > 3 * np.mean(paragraphs["tokens"])  # ... much longer than paragraphs
+    for name, losses in results["document_loss"].items():
+        assert len(losses["loss"]) == len(pages["domain"])
+        assert results["loss_after_first"][name]["mean"] < results["loss"][name]["mean"] + 1.0
+        assert results["position_loss"][name]["offsets"][0] == "0"
     swap = np.array(results["swap"]["perplexity"])
-    assert swap.shape == (2, 2)
-    np.testing.assert_allclose(np.diag(swap), [results["perplexity"]["koff"][d] for d in ("en-US", "de")],
-                               rtol=1e-6)
+    assert swap.shape == (2, 2) and np.array(results["swap"]["document_loss"]).shape == (2, len(paragraphs["domain"]))
+    assert (ci_run / "baselines" / "random_mask.npz").exists() and (ci_run / "baselines" / "score_mask.npz").exists()
     assert set(results["mc"]) == {"continuation", "translation"}
     for task, by_setting in results["mc"].items():
         assert set(by_setting) == set(config["eval"]["mc_settings"])
@@ -73,11 +87,22 @@ def test_run_writes_every_artefact(ci_run):
 
     analysis = json.loads((ci_run / "analysis.json").read_text())
     assert set(analysis["tests"]) == set(VARIANTS)
+    assert set(analysis["tests"]["koff"]) == {"specific", "general"}
+    assert min(analysis["tokens"].values()) >= config["analysis"]["tokens"]
     report = (ci_run / "report.md").read_text()
-    for heading in ("## Sparsity", "## Training", "## Sparsity controller", "## Held-out perplexity", "## Memory swap", "## Multiple choice",
-                    "## Language-specific neurons"):
+    for heading in ("## The paper's claims", "## Sparsity", "## Training", "## Sparsity controller",
+                    "## Held-out perplexity", "## Across seeds (2 seeds", "## Memory swap", "## Multiple choice",
+                    "## Language-specific"):
         assert heading in report
-    for png in ("training", "controller", "sparsity_per_layer", "swap", "lape"):
+    for claim in ("pruning without memories degrades the model", "vs dense + memories", "LoRA + KV beats LoRA alone",
+                  "joint training beats prune-then-memory", "KOFF beats a random mask with memories",
+                  "Taylor-score mask", "own memory beats", "multiple choice (continuation)",
+                  "language-general neurons are preferentially kept"):
+        assert claim in report
+    assert "**reproduces**" in report or "**inconclusive**" in report or "**contradicts**" in report
+    assert (ci_run / "seeds" / "1" / "eval.json").exists()
+    assert json.loads((ci_run / "seeds" / "1" / "config.json").read_text())["data"]["seed"] == 1
+    for png in ("training", "controller", "sparsity_per_layer", "swap", "lape", "positions"):
         assert (ci_run / "plots" / f"{png}.png").stat().st_size > 1000
         assert f"plots/{png}.png" in report
 
@@ -138,7 +163,7 @@ def test_analyze_recomputes_the_analysis_of_a_finished_run(ci_run, tmp_path):
     (copy / "report.md").write_text("")
     assert cli.main(["analyze", "--workdir", str(copy)]) == 0
     assert json.loads((copy / "analysis.json").read_text()) == json.loads((ci_run / "analysis.json").read_text())
-    assert "## Language-specific neurons" in (copy / "report.md").read_text()
+    assert "## Language-specific and language-general neurons" in (copy / "report.md").read_text()
 
 
 def test_compare_tabulates_finished_runs_and_refuses_unfinished_ones(ci_run, tmp_path, capsys):
@@ -146,7 +171,9 @@ def test_compare_tabulates_finished_runs_and_refuses_unfinished_ones(ci_run, tmp
     assert cli.main(["compare", str(ci_run), str(ci_run), "--out", str(out)]) == 0
     rows = [line for line in out.read_text().splitlines() if line.startswith("| ci |")]
     results = json.loads((ci_run / "eval.json").read_text())
-    assert len(rows) == 2 and f"{results['perplexity']['koff']['mean']:.3f}" in rows[0]
+    assert len(rows) == 2 and " +- " in rows[0]  # two seeds: mean +- sd
+    seeds = [results, json.loads((ci_run / "seeds" / "1" / "eval.json").read_text())]
+    assert f"{np.mean([r['perplexity']['koff']['mean'] for r in seeds]):.3f} +- " in rows[0]
     assert out.read_text() in capsys.readouterr().out + "\n"
     (tmp_path / "unfinished").mkdir()
     shutil.copy(ci_run / "config.json", tmp_path / "unfinished" / "config.json")

@@ -6,9 +6,10 @@ pre-activation is positive (act(gate) > 0 for SiLU and GELU). Normalising `P`
 over domains gives a distribution whose entropy is low when the neuron fires for
 few languages: the `specific_fraction` lowest-entropy neurons, among those whose
 largest activation probability is at least the `min_activation_quantile` quantile,
-are "language-specific". We compare the fraction of them the mask removes with the
-fraction of all neurons it removes, and with random neuron sets of the same size
-and the same count per layer (a layer-stratified permutation test).
+are "language-specific"; the same fraction with the highest entropy are "language-general".
+For each set we compare the fraction the mask removes with random neuron sets of the
+same size and count per layer (a layer-stratified permutation test, both tails) and give
+the effect (removed fraction minus chance) with the interval that inverts that test.
 
 Activations are read exactly without any capture hook: a copy of the decoder cut
 after layer l, whose last MLP is switched off (`neuron_scale` 0) and whose final norm
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sparsemem.evaluation import bootstrap  # Interval: the effect's interval and verdict
 from sparsemem.models.decoder import Decoder
 from sparsemem.models.hooks import Hooks
 
@@ -57,8 +59,12 @@ def _active_counts(cut: Decoder, w_gate: jax.Array, batch: dict, num_domains: in
             jax.ops.segment_sum(jnp.sum(real, 1), batch["domain"], num_domains))
 
 
-def activation_probabilities(decoder: Decoder, batches: list[dict], num_domains: int) -> np.ndarray:
-    """`P [D, L, F]`: per domain, the fraction of real tokens on which each MLP neuron is active."""
+def activation_probabilities(decoder: Decoder, batches: list[dict], num_domains: int
+                             ) -> tuple[np.ndarray, np.ndarray]:
+    """`(P [D, L, F], tokens [D])`: per domain, the fraction of real tokens on which each MLP neuron is active.
+
+    Layer l runs a decoder cut after layer l, so the cost is about L/2 full forwards.
+    """
     L, F = decoder.cfg.num_layers, decoder.cfg.d_ff
     counts, tokens = np.zeros((num_domains, L, F)), np.zeros(num_domains)
     w_gate = nnx.to_pure_dict(nnx.state(decoder, nnx.Param))["layers"]["w_gate"]
@@ -73,7 +79,7 @@ def activation_probabilities(decoder: Decoder, batches: list[dict], num_domains:
         log.info("activation statistics: layer %d/%d", layer + 1, L)
     if np.any(tokens == 0):
         raise ValueError(f"no held-out tokens for domain(s) {np.flatnonzero(tokens == 0).tolist()}")
-    return counts / tokens[:, None, None]
+    return counts / tokens[:, None, None], tokens
 
 
 def lape(probs: np.ndarray) -> np.ndarray:
@@ -83,23 +89,43 @@ def lape(probs: np.ndarray) -> np.ndarray:
     return -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=0)
 
 
-def specific_neurons(probs: np.ndarray, *, fraction: float, min_activation_quantile: float) -> np.ndarray:
-    """Boolean `[L, F]`: the `fraction` of all neurons with lowest LAPE among sufficiently active ones."""
+def _ranked_neurons(probs: np.ndarray, *, fraction: float, min_activation_quantile: float, lowest: bool) -> np.ndarray:
     entropy = lape(probs)
     peak = probs.max(0)
     candidates = peak >= np.quantile(peak, min_activation_quantile)
     count = int(round(fraction * entropy.size))
-    order = np.argsort(np.where(candidates, entropy, np.inf), axis=None, kind="stable")[:count]
+    key = np.where(candidates, entropy if lowest else -entropy, np.inf)
+    order = np.argsort(key, axis=None, kind="stable")[:count]
     out = np.zeros(entropy.size, bool)
     out[order] = True
     return out.reshape(entropy.shape)
 
 
-def removal_test(specific: np.ndarray, removed: np.ndarray, *, permutations: int, seed: int = 0) -> dict:
-    """Removed fraction among `specific` vs among all neurons; layer-stratified permutation p-value."""
-    observed = float(removed[specific].mean()) if specific.any() else float("nan")
+def specific_neurons(probs: np.ndarray, *, fraction: float, min_activation_quantile: float) -> np.ndarray:
+    """Boolean `[L, F]`: the `fraction` of all neurons with lowest LAPE among sufficiently active ones."""
+    return _ranked_neurons(probs, fraction=fraction, min_activation_quantile=min_activation_quantile, lowest=True)
+
+
+def general_neurons(probs: np.ndarray, *, fraction: float, min_activation_quantile: float) -> np.ndarray:
+    """Boolean `[L, F]`: the `fraction` of all neurons with highest LAPE (language-general) among active ones."""
+    return _ranked_neurons(probs, fraction=fraction, min_activation_quantile=min_activation_quantile, lowest=False)
+
+
+def removal_test(chosen: np.ndarray, removed: np.ndarray, *, permutations: int, seed: int = 0,
+                 level: float = 0.95) -> dict:
+    """Removed fraction among the `chosen` neurons vs chance, in both directions.
+
+    Chance is a random neuron set of the same size per layer (layer-stratified
+    permutations); `p_removed` / `p_kept` are the one-sided p-values for "removed more
+    / less often than chance". `effect` is the removed fraction minus chance's mean, with
+    the interval that inverts the permutation test under a shift (observed minus the
+    null's central `level` spread): it excludes 0 exactly when the two-sided test at
+    1 - `level` rejects, and it stays honest for small sets where resampling the set
+    itself would have no spread (e.g. none of them removed).
+    """
+    observed = float(removed[chosen].mean()) if chosen.any() else float("nan")
     rng = np.random.default_rng(seed)
-    per_layer = specific.sum(1)
+    per_layer = chosen.sum(1)
     draws = np.zeros(permutations)
     for i in range(permutations):
         hits = 0
@@ -107,24 +133,38 @@ def removal_test(specific: np.ndarray, removed: np.ndarray, *, permutations: int
             if k:
                 hits += removed[layer, rng.choice(removed.shape[1], k, replace=False)].sum()
         draws[i] = hits / max(per_layer.sum(), 1)
-    return {"specific_neurons": int(specific.sum()), "removed_among_specific": observed,
+    tail = (1.0 - level) / 2
+    spread_low, spread_high = np.quantile(draws - draws.mean(), [tail, 1.0 - tail])
+    effect = observed - draws.mean()
+    return {"neurons": int(chosen.sum()), "removed_among_chosen": observed,
             "removed_among_all": float(removed.mean()), "chance_mean": float(draws.mean()),
             "chance_95": float(np.quantile(draws, 0.95)),
-            "p_value": float((np.sum(draws >= observed) + 1) / (permutations + 1))}
+            "p_removed": float((np.sum(draws >= observed) + 1) / (permutations + 1)),
+            "p_kept": float((np.sum(draws <= observed) + 1) / (permutations + 1)),
+            "effect": bootstrap.Interval(float(effect), float(effect - spread_high), float(effect - spread_low),
+                                         level).as_dict()}
 
 
 def specialisation(probs: np.ndarray, masks: dict[str, dict[str, np.ndarray]], domains: list[str], *,
-                   fraction: float, min_activation_quantile: float, permutations: int) -> dict:
-    """The analysis the report shows, for every variant's neuron mask."""
-    specific = specific_neurons(probs, fraction=fraction, min_activation_quantile=min_activation_quantile)
+                   fraction: float, min_activation_quantile: float, permutations: int, tokens: list[int]) -> dict:
+    """The analysis the report shows, for every variant's neuron mask.
+
+    Per mask, two tests: language-specific neurons (claim: preferentially removed) and
+    language-general ones (claim: preferentially kept); `tokens` is the activation
+    statistics' token count per domain.
+    """
+    sets = {"specific": specific_neurons(probs, fraction=fraction, min_activation_quantile=min_activation_quantile),
+            "general": general_neurons(probs, fraction=fraction, min_activation_quantile=min_activation_quantile)}
     dominant = np.argmax(probs, axis=0)
     entropy = lape(probs)
     return {
         "domains": domains,
-        "specific_per_layer": specific.sum(1).astype(int).tolist(),
-        "specific_by_domain": {d: int(np.sum(specific & (dominant == i))) for i, d in enumerate(domains)},
+        "tokens": dict(zip(domains, (int(t) for t in tokens))),
+        "specific_per_layer": sets["specific"].sum(1).astype(int).tolist(),
+        "specific_by_domain": {d: int(np.sum(sets["specific"] & (dominant == i))) for i, d in enumerate(domains)},
         "entropy_max": float(np.log(len(domains))),
-        "tests": {variant: removal_test(specific, m["neuron"] == 0, permutations=permutations)
+        "tests": {variant: {name: removal_test(chosen, m["neuron"] == 0, permutations=permutations)
+                            for name, chosen in sets.items()}
                   for variant, m in masks.items()},
         "entropy_hist": {variant: {"removed": np.histogram(entropy[m["neuron"] == 0], bins=20,
                                                            range=(0, np.log(len(domains))))[0].tolist(),

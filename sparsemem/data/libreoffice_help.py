@@ -1,7 +1,9 @@
 """TFDS builder `libreoffice_help`: natural-language paragraphs of the LibreOffice help, one config per language.
 
 Each record is one paragraph: `text`, `paragraph_id` (shared across languages),
-`page_id` (the help page, e.g. `text/swriter/main0202`) and `language`. Splits are
+`page_id` (the help page, e.g. `text/swriter/main0202`), `position` (its index among
+the page's kept paragraphs: records are stored shuffled, this restores reading order)
+and `language`. Splits are
 assigned per help page (`splits.split_of`), so all paragraphs of a page, in every
 language, land in the same split. Stored as array_record: building and reading need
 no TensorFlow (`load_split` returns a random-access data source grain can consume).
@@ -15,6 +17,7 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
@@ -26,9 +29,10 @@ log = logging.getLogger(__name__)
 class LibreofficeHelp(tfds.core.GeneratorBasedBuilder):
     """Paragraph-aligned multilingual text from the LibreOffice help (MPL-2.0)."""
 
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES = {"1.0.0": "Paragraphs of the Debian 12 (LibreOffice 7.4) help packages.",
-                     "1.1.0": "A CJK character counts as two letters in the prose test (keeps short CJK headings)."}
+                     "1.1.0": "A CJK character counts as two letters in the prose test (keeps short CJK headings).",
+                     "1.2.0": "`position`: a paragraph's index on its page (whole pages can be read in order)."}
     BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=language, description=f"LibreOffice help in {language}")
                        for language in debian_packages.LANGUAGES]
     # Downloads no URLs, so there is no checksums file to locate; this also skips tfds's source
@@ -47,6 +51,7 @@ class LibreofficeHelp(tfds.core.GeneratorBasedBuilder):
                 "text": tfds.features.Text(),
                 "paragraph_id": tfds.features.Text(),
                 "page_id": tfds.features.Text(),
+                "position": tfds.features.Scalar(dtype=np.int32),
                 "language": tfds.features.Text(),
             }),
             homepage="https://help.libreoffice.org",
@@ -84,10 +89,10 @@ class LibreofficeHelp(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, language, pages):
         for page_id, paragraphs in pages:
-            for paragraph in paragraphs:
+            for position, paragraph in enumerate(paragraphs):
                 yield f"{page_id}#{paragraph.paragraph_id}", {
                     "text": paragraph.text, "paragraph_id": paragraph.paragraph_id,
-                    "page_id": page_id, "language": language}
+                    "page_id": page_id, "position": position, "language": language}
 
 
 @functools.lru_cache(maxsize=1)

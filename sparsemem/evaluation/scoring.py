@@ -1,4 +1,4 @@
-"""Per-row summed token losses of a trainer's frozen backbone under a mask and a memory table."""
+"""Per-target and per-row token losses of a trainer's frozen backbone under a mask and a memory table."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sparsemem.evaluation.documents import DocumentBatches, DocumentLosses, accumulate
 from sparsemem.koff import gates as gates_lib
 from sparsemem.koff.memory import hooks_from_rows
 from sparsemem.models.hooks import Hooks
@@ -38,32 +39,33 @@ class Scorer:
         hidden, _ = decoder(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"],
                             hooks=hooks)
         ce = token_cross_entropy(decoder, hidden, batch["targets"], chunk_size=self.trainer.kcfg.loss_chunk)
-        mask = batch["loss_mask"]
-        return jnp.sum(ce * mask, axis=1), jnp.sum(mask, axis=1)
+        return ce * batch["loss_mask"]
 
-    def row_losses(self, batch: Mapping[str, np.ndarray], masks: Mapping[str, jax.Array] | None = None,
-                   memory: Mapping[str, jax.Array] | None = None, memory_index: np.ndarray | None = None,
-                   lora_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-        """`(loss_sum [B], tokens [B])` in nats over each row's loss mask."""
+    def token_losses(self, batch: Mapping[str, np.ndarray], masks: Mapping[str, jax.Array] | None = None,
+                     memory: Mapping[str, jax.Array] | None = None, memory_index: np.ndarray | None = None,
+                     lora_scale: float = 1.0) -> np.ndarray:
+        """`[B, T]` per-target losses in nats, 0 outside the loss mask."""
         placed = self.trainer.place_batch(batch)
         index = placed["domain"] if memory_index is None else jnp.asarray(memory_index, jnp.int32)
         scales = gates_lib.scales(dict(masks)) if masks is not None else None
         with jax.set_mesh(self.trainer.mesh), axis_rules(self.trainer.rules):
             out = self._fn(self.trainer.backbone, scales, dict(memory) if memory else {}, index, placed,
                            float(lora_scale))
-        return tuple(np.asarray(x, np.float64) for x in jax.device_get(out))
+        return np.asarray(jax.device_get(out), np.float64)
+
+    def row_losses(self, batch: Mapping[str, np.ndarray], **kwargs) -> tuple[np.ndarray, np.ndarray]:
+        """`(loss_sum [B], tokens [B])` in nats over each row's loss mask; `kwargs` as for `token_losses`."""
+        return self.token_losses(batch, **kwargs).sum(axis=1), np.asarray(batch["loss_mask"], np.float64).sum(axis=1)
 
 
-def domain_losses(scorer: Scorer, batches, num_domains: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:
-    """`(loss_sum [D], tokens [D])` summed over `batches` by each row's domain; `kwargs` go to `row_losses`.
+def document_losses(scorer: Scorer, documents: DocumentBatches, *, memory_index: int | None = None,
+                    **kwargs) -> DocumentLosses:
+    """Per-document losses of `documents` (`evaluation.documents`); `kwargs` go to `Scorer.token_losses`.
 
-    `memory_index` may be an int: every row uses that domain's memory (memory swap).
+    `memory_index`: every row uses that domain's memory (memory swap); default: its own.
     """
-    loss, tokens = np.zeros(num_domains), np.zeros(num_domains)
-    swap = kwargs.pop("memory_index", None)
-    for batch in batches:
-        index = None if swap is None else np.full(len(batch["domain"]), swap, np.int32)
-        row_loss, row_tokens = scorer.row_losses(batch, memory_index=index, **kwargs)
-        np.add.at(loss, batch["domain"], row_loss)
-        np.add.at(tokens, batch["domain"], row_tokens)
-    return loss, tokens
+    values = []
+    for batch in documents.batches:
+        index = None if memory_index is None else np.full(len(batch["domain"]), memory_index, np.int32)
+        values.append(scorer.token_losses(batch, memory_index=index, **kwargs))
+    return accumulate(documents, values)

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 
-SETTINGS = ("dense", "dense_memory", "pruned", "pruned_retrained", "pruned_lora", "pruned_kv", "prune_then_memory",
-            "koff")
+SETTINGS = ("dense", "dense_memory", "pruned", "pruned_retrained", "pruned_lora", "pruned_kv", "prune_then_memory", "koff",
+            "random_mask", "random_mask_memory", "score_mask", "score_mask_memory")
+# Baseline variants evaluated as themselves (their own mask and memory): label.
+_BASELINES = {"random_mask": "random mask, no memories", "random_mask_memory": "random mask + memories",
+              "score_mask": "Taylor-score mask, no memories", "score_mask_memory": "Taylor-score mask + memories"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +30,9 @@ def resolve(variants: tuple[str, ...] | list[str]) -> dict[str, Setting]:
     """The settings computable from the trained `variants`, in `SETTINGS` order."""
     out = {
         "dense": Setting("dense", "dense", None, None),
-        "dense_memory": Setting("dense_memory", "dense + memories", None, "koff"),
+        "dense_memory": (Setting("dense_memory", "dense + memories (trained unpruned)", "dense_memory", "dense_memory")
+                         if "dense_memory" in variants else
+                         Setting("dense_memory", "dense + KOFF's memories (trained under the mask)", None, "koff")),
         "pruned": Setting("pruned", "KOFF mask, no memories", "koff", None),
     }
     if "prune_only" in variants:
@@ -42,6 +47,9 @@ def resolve(variants: tuple[str, ...] | list[str]) -> dict[str, Setting]:
         out["prune_then_memory"] = Setting("prune_then_memory", "pruned first, then LoRA + KV on that mask",
                                            "prune_then_memory", "prune_then_memory")
     out["koff"] = Setting("koff", "pruned + LoRA + KV memory (KOFF)", "koff", "koff")
+    for name, label in _BASELINES.items():
+        if name in variants:
+            out[name] = Setting(name, label, name, name if name.endswith("_memory") else None)
     return out
 
 

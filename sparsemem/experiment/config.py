@@ -20,16 +20,36 @@ from sparsemem.evaluation.multiple_choice import TASKS
 from sparsemem.evaluation.settings import SETTINGS
 from sparsemem.koff.config import KoffConfig
 
-# Variants that train their own gates (and memory), as KoffConfig changes.
+_NO_MEMORY = {"memory_slots": 0, "lora_rank": 0, "lora_targets": ()}
+# Trained variants as KoffConfig changes; where each one's mask comes from is in MASK_SOURCES.
 VARIANTS = {
     "koff": {},
-    "prune_only": {"memory_slots": 0, "lora_rank": 0, "lora_targets": ()},
+    "prune_only": _NO_MEMORY,
     "lora_only": {"memory_slots": 0},
     "kv_only": {"lora_rank": 0, "lora_targets": ()},
+    "dense_memory": {"target_sparsity": 0.0},  # its metrics and export say 0%: the mask is all ones
+    "random_mask": _NO_MEMORY,
+    "random_mask_memory": {},
+    "score_mask": _NO_MEMORY,
+    "score_mask_memory": {},
     "prune_then_memory": {},  # sequential ablation: memories trained under the final mask of MASK_FROM's variant
 }
 # Variants that train only their memories, under the final mask of another variant (trained before them).
 MASK_FROM = {"prune_then_memory": "prune_only"}
+# A variant's mask: "gates" (its own, trained), "dense" (all ones: memories on the unpruned model),
+# "random" (random structured mask at the target) or "score" (Taylor gate scores on calibration
+# batches; sparsemem/koff/baselines.py). A fixed mask trains only the memory; without memory, nothing.
+MASK_SOURCES = {"dense_memory": "dense", "random_mask": "random", "random_mask_memory": "random",
+                "score_mask": "score", "score_mask_memory": "score"}
+
+
+def mask_source(variant: str) -> str:
+    return MASK_SOURCES.get(variant, "gates")
+
+
+def trains_gates(variant: str) -> bool:
+    """Whether `variant` learns its own mask (the others train, if anything, only memory under a fixed one)."""
+    return variant not in MASK_FROM and mask_source(variant) == "gates"
 # KoffConfig fields the experiment derives itself.
 _DERIVED_KOFF = ("num_domains", "total_steps")
 
@@ -49,6 +69,7 @@ def defaults() -> ml_collections.ConfigDict:
         languages=("en-US", "de", "ja", "ru"),  # help-corpus or wiki40b language codes; unused for "folder"
         folder="",
         data_dir="",  # TFDS data dir; "" = the TFDS default
+        unit="page",  # help corpus: "page" (whole pages, for training and perplexity) or "paragraph"
         seq_len=128,
         batch_size=4,
         seed=0,
@@ -58,14 +79,19 @@ def defaults() -> ml_collections.ConfigDict:
     c.train = dict(
         steps=100,
         variants=("koff", "prune_only"),  # trained separately; must include "koff"
+        seeds=1,  # train and evaluate every variant this many times (seeds data.seed, data.seed+1, ...)
+        calibration_batches=8,  # training batches the score-based mask's Taylor scores average over
         save_every=25,
         log_every=5,
     )
     c.eval = dict(
-        split="test",
-        paragraphs=64,  # held-out paragraphs per domain (aligned across languages for the help corpus)
+        split="validation",  # tune and sweep on "validation"; the final report reads "test"
+        documents=32,  # held-out documents (pages) per domain for perplexity and its intervals
+        paragraphs=64,  # held-out aligned paragraphs per domain for the memory-swap matrix
+        resamples=2000,  # bootstrap resamples of the documents (questions) for every 95% interval
         batch_size=4,
         mc_questions=16,  # multiple-choice questions per domain and task (0: skip)
+        mc_distractors="same_page",  # "same_page": from the answer's page first, then nearest in length; "random"
         mc_tasks=("continuation", "translation"),  # translation: from the first language (aligned corpora only)
         mc_prompt_tokens=24,
         mc_continuation_tokens=16,
@@ -73,7 +99,7 @@ def defaults() -> ml_collections.ConfigDict:
     )
     c.analysis = dict(
         enabled=True,
-        paragraphs=32,  # held-out paragraphs per domain for activation statistics
+        tokens=50_000,  # held-out tokens per domain for activation statistics (or all the split has)
         specific_fraction=0.05,  # lowest-LAPE fraction of (active) neurons called language-specific
         min_activation_quantile=0.5,  # neurons whose max activation prob. is below this quantile are not candidates
         permutations=1000,
@@ -194,6 +220,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         problems.append(f"data.languages={tuple(c.data.languages)} needs at least two languages")
     if len(set(c.data.languages)) != len(c.data.languages):
         problems.append(f"data.languages={tuple(c.data.languages)} names a language twice")
+    if c.data.unit not in ("page", "paragraph"):
+        problems.append(f"data.unit={c.data.unit!r} must be 'page' or 'paragraph'")
+    if c.eval.mc_distractors not in ("same_page", "random"):
+        problems.append(f"eval.mc_distractors={c.eval.mc_distractors!r} must be 'same_page' or 'random'")
     unknown = sorted(set(c.train.variants) - set(VARIANTS))
     if unknown or "koff" not in c.train.variants:
         problems.append(f"train.variants={tuple(c.train.variants)} must include 'koff' and only {sorted(VARIANTS)}")
@@ -210,9 +240,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         problems.append(f"eval.mc_tasks has unknown tasks {bad}; choose from {TASKS}")
     if c.eval.split not in ("validation", "test"):
         problems.append(f"eval.split={c.eval.split!r} must be 'validation' or 'test'")
-    for key in ("data.seq_len", "data.batch_size", "train.steps", "train.log_every", "eval.paragraphs",
-                "eval.batch_size", "analysis.paragraphs", "analysis.permutations", "mesh.data", "mesh.fsdp",
-                "mesh.model"):
+    for key in ("data.seq_len", "data.batch_size", "train.steps", "train.log_every", "train.seeds",
+                "train.calibration_batches", "eval.documents", "eval.paragraphs", "eval.batch_size", "eval.resamples",
+                "analysis.tokens", "analysis.permutations", "mesh.data", "mesh.fsdp", "mesh.model"):
         if flatten(c)[key] < 1:
             problems.append(f"{key}={flatten(c)[key]} must be >= 1")
     if c.train.save_every < 0:

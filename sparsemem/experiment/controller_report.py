@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from matplotlib.figure import Figure
 
-from sparsemem.experiment.config import MASK_FROM
-from sparsemem.experiment.export import _save_npz as save_npz
+from sparsemem.experiment.config import trains_gates
+from sparsemem.experiment.export import save_npz
 from sparsemem.experiment.rundir import RunDir
 from sparsemem.koff import gates as gates_lib
 
@@ -106,7 +106,7 @@ def plot_controller(metrics: list[dict], gates: dict[str, dict[str, np.ndarray]]
 
 def controller_section(run: RunDir, variants, metrics: list[dict], plots) -> list[str]:
     """Markdown lines of the controller section (and `plots/controller.png`); empty without metrics."""
-    variants = [v for v in variants if v not in MASK_FROM]  # trained on another variant's mask: no gates of their own
+    variants = [v for v in variants if trains_gates(v)]  # a fixed mask has no gates to control
     metrics = [m for m in metrics if m["variant"] in variants]
     if not metrics:
         return []

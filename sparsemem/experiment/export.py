@@ -27,7 +27,7 @@ def export_variant(run: RunDir, variant: str, trainer: KoffTrainer, state: Train
     memory = multihost_utils.process_allgather(state.memory, tiled=True)  # every process takes part
     if not run.primary:
         return masks
-    _save_npz(run.file("export", variant, "mask.npz"), masks)
+    save_npz(run.file("export", variant, "mask.npz"), masks)
     remaining = sparsity.remaining_params(cfg, masks)
     run.write_json(f"export/{variant}/sparsity.json", {
         "target": kcfg.target_sparsity,
@@ -47,10 +47,10 @@ def save_memory_rows(run: RunDir, variant: str, memory: dict[str, np.ndarray], d
     """Write row `d` of the memory table as `export/<variant>/memory/<domains[d]>.npz` (nothing without memory)."""
     for d, name in enumerate(domains):
         if memory:
-            _save_npz(run.file("export", variant, "memory", f"{name}.npz"), {k: v[d] for k, v in memory.items()})
+            save_npz(run.file("export", variant, "memory", f"{name}.npz"), {k: v[d] for k, v in memory.items()})
 
 
-def _save_npz(path: epath.Path, arrays: dict[str, np.ndarray]) -> None:
+def save_npz(path: epath.Path, arrays: dict[str, np.ndarray]) -> None:
     def write(tmp: pathlib.Path) -> None:
         with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to the temporary name
             np.savez(f, **arrays)

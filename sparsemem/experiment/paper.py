@@ -40,15 +40,18 @@ def paper_config(name: str, model_dir: str, corpus: Literal["wiki40b", "libreoff
     c.koff.remat = "full"
     c.koff.loss_chunk = 4096
     c.train.steps = 4000
-    c.train.variants = ("koff", "prune_only", "prune_then_memory", "lora_only", "kv_only")
+    c.train.variants = ("koff", "prune_only", "prune_then_memory", "lora_only", "kv_only", "dense_memory",
+                        "random_mask", "random_mask_memory", "score_mask", "score_mask_memory")
     c.train.save_every = 250
     c.train.log_every = 25
+    c.eval.split = "test"  # the final report; tune with --set eval.split=validation
+    c.eval.documents = 2000
     c.eval.paragraphs = 2000
     c.eval.batch_size = 32
     c.eval.mc_questions = 500
     c.eval.mc_settings = ("dense", "pruned", "pruned_retrained", "pruned_lora", "pruned_kv", "prune_then_memory",
                          "koff")
-    c.analysis.paragraphs = 1000
+    c.analysis.tokens = 200_000
     c.mesh.data, c.mesh.fsdp, c.mesh.model = mesh
     c.mesh.distributed = True
     return c

@@ -8,6 +8,8 @@ import numpy as np
 from matplotlib.figure import Figure  # no pyplot: no global backend state, works headless and in notebooks
 
 from sparsemem import files
+from sparsemem.evaluation import bootstrap
+from sparsemem.experiment import claims as claims_lib
 from sparsemem.experiment.config import koff_config
 from sparsemem.experiment.controller_report import controller_section
 from sparsemem.experiment.metrics import read_metrics
@@ -22,10 +24,28 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 
 def perplexity_table(results: dict) -> str:
+    """Perplexity per setting and domain; with per-document losses also the geo. mean without the first
+    target after BOS and the loss vs dense with its paired 95% interval (nats/token)."""
     domains = results["domains"]
+    after_first = results.get("loss_after_first", {})
+    vs_dense = {}
+    if "document_loss" in results and "dense" in results["document_loss"]:
+        loss, strata = claims_lib._loss_statistics(results)
+        vs_dense = {name: bootstrap.bootstrap(lambda idx, f=f: f(idx) - loss["dense"](idx), strata,
+                                              resamples=1000) for name, f in loss.items() if name != "dense"}
     rows = [[results["settings"][name]] + [values[d] for d in domains] + [values["mean"]]
+            + ([float(np.exp(after_first[name]["mean"]))] if after_first else [])
+            + ([str(vs_dense[name]) if name in vs_dense else ""] if vs_dense else [])
             for name, values in results["perplexity"].items()]
-    return _table(["setting"] + domains + ["geo. mean"], rows)
+    header = (["setting"] + domains + ["geo. mean"] + (["geo. mean without 1st target"] if after_first else [])
+              + (["loss - dense [95% CI]"] if vs_dense else []))
+    return _table(header, rows)
+
+
+def claims_table(claims: list) -> str:
+    """The paper's claims with the statistic, its 95% interval and the verdict."""
+    return _table(["claim", "statistic", "estimate [95% CI]", "verdict"],
+                  [[c.text, c.statistic, str(c.interval), f"**{c.verdict}**"] for c in claims])
 
 
 def swap_table(results: dict) -> str:
@@ -50,10 +70,20 @@ def mc_by_task(results: dict) -> tuple[dict, dict]:
 
 
 def mc_table(results: dict, task: str) -> str:
+    """Accuracy per setting and domain; with per-question results also the mean's 95% interval."""
     domains = results["domains"]
+    correct = results.get("mc_correct", {}).get(task, {})
+    strata = np.asarray(results.get("mc_domain", {}).get(task, []))
+
+    def interval(name):
+        mean = claims_lib.mean_accuracy(np.asarray(correct[name], float), strata, len(domains))
+        iv = bootstrap.bootstrap(mean, strata, resamples=1000)
+        return f"[{iv.low:.3f}, {iv.high:.3f}]"
+
     rows = [[results["settings"][name]] + [values[d] for d in domains] + [values["mean"]]
+            + ([interval(name)] if name in correct and len(strata) else [])
             for name, values in mc_by_task(results)[0][task].items()]
-    return _table(["setting"] + domains + ["mean"], rows)
+    return _table(["setting"] + domains + ["mean"] + (["95% CI"] if correct else []), rows)
 
 
 def mc_sections(results: dict) -> list[str]:
@@ -67,48 +97,67 @@ def mc_sections(results: dict) -> list[str]:
     return out
 
 
+def seed_evals(run: RunDir) -> list[dict]:
+    """eval.json of the run and of each finished extra seed (`seeds/<k>/`), seed 0 first."""
+    extra = sorted((p for p in (run.path / "seeds").glob("*") if (p / "eval.json").exists()),
+                   key=lambda p: int(p.name) if p.name.isdigit() else 0)
+    return [run.read_json("eval.json")] + [RunDir(p).read_json("eval.json") for p in extra]
+
+
+def _mean_sd(values: list[float]) -> str:
+    values = [v for v in values if v is not None and not np.isnan(v)]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} +- {np.std(values, ddof=1):.3f}"
+
+
 def comparison_table(runs: list[RunDir]) -> str:
-    """One row per run: its target sparsity, geo-mean perplexity per setting, swap wins, MC accuracy, LAPE p."""
-    evals = [run.read_json("eval.json") for run in runs]
-    settings = list(dict.fromkeys(name for results in evals for name in results["perplexity"]))
-    accuracies = [mc_by_task(results)[0] for results in evals]
-    tasks = list(dict.fromkeys(task for accuracy in accuracies for task in accuracy))
-    header = (["run", "sparsity"] + [evals[0]["settings"].get(n, n) for n in settings] + ["own memory best"]
-              + [f"MC {task} (KOFF)" for task in tasks] + ["LAPE p (KOFF mask)"])
+    """One row per run: sparsity, seeds, geo-mean perplexity per setting (mean +- sd across seeds), swap wins,
+    MC accuracy and the LAPE effect of KOFF's mask (seed 0) with its interval."""
+    evals = [seed_evals(run) for run in runs]
+    settings = list(dict.fromkeys(name for seeds in evals for name in seeds[0]["perplexity"]))
+    accuracies = [[mc_by_task(results)[0] for results in seeds] for seeds in evals]
+    tasks = list(dict.fromkeys(task for seeds in accuracies for task in seeds[0]))
+    header = (["run", "sparsity", "seeds"] + [evals[0][0]["settings"].get(n, n) for n in settings]
+              + ["own memory best"] + [f"MC {task} (KOFF)" for task in tasks]
+              + ["LAPE: specific neurons removed vs chance (KOFF)"])
     rows = []
-    for run, results, accuracy in zip(runs, evals, accuracies):
+    for run, seeds, accuracy in zip(runs, evals, accuracies):
         analysis = run.read_json("analysis.json") or {"tests": {}}
-        mc = [accuracy.get(task, {}).get("koff", {}).get("mean", float("nan")) for task in tasks]
-        rows.append([run.path.name, run.config().koff.target_sparsity]
-                    + [results["perplexity"].get(n, {}).get("mean", float("nan")) for n in settings]
-                    + [f"{results['swap']['diagonal_wins']}/{len(results['domains'])}"] + mc
-                    + [analysis["tests"].get("koff", {}).get("p_value", float("nan"))])
+        specific = analysis["tests"].get("koff", {}).get("specific", {}).get("effect")
+        rows.append([run.path.name, run.config().koff.target_sparsity, len(seeds)]
+                    + [_mean_sd([r["perplexity"].get(n, {}).get("mean", float("nan")) for r in seeds])
+                       for n in settings]
+                    + [f"{seeds[0]['swap']['diagonal_wins']}/{len(seeds[0]['domains'])}"]
+                    + [_mean_sd([a.get(task, {}).get("koff", {}).get("mean", float("nan")) for a in accuracy])
+                       for task in tasks]
+                    + [str(bootstrap.Interval(**specific)) if specific else "n/a"])
     return _table(header, rows)
 
 
-def gap_summary(results: dict) -> list[str]:
-    """The paper's claims as measured numbers (mean loss over domains, nats/token)."""
-    loss = {name: values["mean"] for name, values in results["loss"].items()}
-    lines = []
-    baseline = "pruned_retrained" if "pruned_retrained" in loss else "pruned"
-    gap = loss[baseline] - loss["dense"]
-    verdict = "degrades" if gap > 0 else "does not degrade"
-    lines.append(f"- pruning without memories ({results['settings'][baseline]}) {verdict}: "
-                 f"{gap:+.3f} nats/token vs dense (perplexity x{np.exp(gap):.2f}).")
-    if gap > 0:
-        recovered = (loss[baseline] - loss["koff"]) / gap
-        how = "recovers" if recovered <= 1 else "more than closes"
-        lines.append(f"- KOFF {how} that gap ({100 * recovered:.0f}%; "
-                     f"KOFF {loss['koff'] - loss['dense']:+.3f} nats/token vs dense).")
-    else:
-        lines.append(f"- KOFF vs that baseline: {loss['koff'] - loss[baseline]:+.3f} nats/token; "
-                     f"vs dense: {loss['koff'] - loss['dense']:+.3f}.")
-    both, lora, kv = loss["koff"], loss["pruned_lora"], loss["pruned_kv"]
-    verdict = "beats" if both < min(lora, kv) else "does not beat"
-    lines.append(f"- LoRA + KV ({both:.3f}) {verdict} LoRA only ({lora:.3f}) and KV only ({kv:.3f}).")
-    wins = results["swap"]["diagonal_wins"]
-    lines.append(f"- memory swap: a domain's own memory is best for {wins}/{len(results['domains'])} domains.")
-    return lines
+def seeds_table(runs_results: list[dict]) -> str:
+    """Geo-mean perplexity per setting: mean +- sd across seeds."""
+    settings = list(runs_results[0]["perplexity"])
+    return _table(["setting", f"geo. mean perplexity over {len(runs_results)} seeds"],
+                  [[runs_results[0]["settings"][n], _mean_sd([r["perplexity"].get(n, {}).get("mean", float("nan"))
+                                                              for r in runs_results])] for n in settings])
+
+
+def plot_positions(results: dict, path) -> None:
+    """Mean loss by target offset in the document (0: the first token after BOS), per setting."""
+    fig = Figure(figsize=(8, 4))
+    ax = fig.subplots()
+    for name, curve in results["position_loss"].items():
+        ax.plot(range(len(curve["loss"])), curve["loss"], "o-", label=results["settings"][name], markersize=3)
+    labels = max((c["offsets"] for c in results["position_loss"].values()), key=len)
+    ax.set_xticks(range(len(labels)), labels, rotation=45, fontsize=7)
+    ax.set_xlabel("target offset in the document")
+    ax.set_ylabel("mean loss (nats)")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 def plot_training(metrics: list[dict], path, gate_steps: int | None = None) -> None:
@@ -175,9 +224,9 @@ def plot_analysis(analysis: dict, path) -> None:
     fig = Figure(figsize=(12, 4))
     axes = fig.subplots(1, 2)
     x = np.arange(len(variants))
-    tests = [analysis["tests"][v] for v in variants]
+    tests = [analysis["tests"][v]["specific"] for v in variants]
     axes[0].bar(x - 0.25, [t["removed_among_all"] for t in tests], 0.25, label="all neurons")
-    axes[0].bar(x, [t["removed_among_specific"] for t in tests], 0.25, label="language-specific")
+    axes[0].bar(x, [t["removed_among_chosen"] for t in tests], 0.25, label="language-specific")
     axes[0].bar(x + 0.25, [t["chance_mean"] for t in tests], 0.25,
                 yerr=[[0] * len(tests), [t["chance_95"] - t["chance_mean"] for t in tests]],
                 label="chance (layer-stratified, 95%)")
@@ -232,19 +281,33 @@ def write_report(run: RunDir) -> str:
         out += ["", "## Training", "", "![training curves](plots/training.png)"]
     out += controller_section(run, config.train.variants, metrics, plots)
     if results:
-        out += ["", f"## Held-out perplexity ({config.eval.split} split, up to {config.eval.paragraphs} paragraphs "
-                "per domain)", "", perplexity_table(results), "", *gap_summary(results),
-                "", "## Memory swap (perplexity of text j with memory i; KOFF mask)", "", swap_table(results),
-                "", "![memory swap](plots/swap.png)"]
+        unit = config.data.unit if config.data.corpus == "libreoffice_help" else "document"
+        claims = claims_lib.all_claims(results, analysis, resamples=config.eval.resamples)
+        out += ["", f"## The paper's claims ({config.eval.split} split; paired bootstrap 95% intervals over documents, "
+                f"{config.eval.resamples} resamples)", "", claims_table(claims) if claims else "(no per-document "
+                "results in this eval.json)",
+                "", f"## Held-out perplexity ({config.eval.split} split, up to {config.eval.documents} {unit}s per "
+                "domain)", "", perplexity_table(results)]
+        if "position_loss" in results:
+            plot_positions(results, plots / "positions.png")
+            out += ["", "![loss by position](plots/positions.png)"]
+        every_seed = seed_evals(run)
+        if len(every_seed) > 1:
+            out += ["", f"## Across seeds ({len(every_seed)} seeds: data order, initialisation, random mask)", "",
+                    seeds_table(every_seed)]
+        out += ["", f"## Memory swap (perplexity of text j with memory i; KOFF mask; up to {config.eval.paragraphs} "
+                "aligned paragraphs per domain)", "", swap_table(results), "", "![memory swap](plots/swap.png)"]
         plot_swap(results, plots / "swap.png")
         out += mc_sections(results)
-    if analysis:
-        rows = [[v, t["specific_neurons"], t["removed_among_specific"], t["removed_among_all"], t["chance_mean"],
-                 t["chance_95"], t["p_value"]] for v, t in analysis["tests"].items()]
-        out += ["", "## Language-specific neurons (LAPE) vs the mask", "",
+    if analysis and "tokens" in analysis:
+        rows = [[v, name, t["neurons"], t["removed_among_chosen"], t["removed_among_all"], t["chance_mean"],
+                 t["p_removed"], t["p_kept"], str(bootstrap.Interval(**t["effect"]))]
+                for v, sets in analysis["tests"].items() for name, t in sets.items()]
+        out += ["", "## Language-specific and language-general neurons (LAPE) vs the mask", "",
+                f"Activation statistics over {json.dumps(analysis['tokens'])} held-out tokens per domain. "
                 f"Language-specific neurons by dominant language: {json.dumps(analysis['specific_by_domain'])}.", "",
-                _table(["mask", "specific neurons", "removed among specific", "removed among all",
-                        "chance mean", "chance 95%", "p (one-sided)"], rows),
+                _table(["mask", "neurons", "count", "removed among them", "removed among all", "chance",
+                        "p (removed more)", "p (removed less)", "removed - chance [95% CI]"], rows),
                 "", "![LAPE](plots/lape.png)"]
         plot_analysis(analysis, plots / "lape.png")
     text = "\n".join(out) + "\n"

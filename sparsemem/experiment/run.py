@@ -21,12 +21,14 @@ from jax.experimental import multihost_utils
 from sparsemem.analysis import lape
 from sparsemem.checkpoints.run_state import RunCheckpointer
 from sparsemem.data import pipeline
+from sparsemem.koff import baselines
 from sparsemem.evaluation import multiple_choice, settings as settings_lib, suite
 from sparsemem.evaluation.scoring import Scorer
 from sparsemem.experiment import setup
-from sparsemem.experiment.config import MASK_FROM, koff_config
+from sparsemem.evaluation.documents import document_batches
+from sparsemem.experiment.config import MASK_FROM, koff_config, mask_source
 from sparsemem.experiment.controller_report import mask_gap, save_controller
-from sparsemem.experiment.export import export_variant, load_mask
+from sparsemem.experiment.export import export_variant, load_mask, save_npz
 from sparsemem.experiment.metrics import MetricsLog
 from sparsemem.experiment.report import write_report
 from sparsemem.experiment.rundir import RunDir, Timer
@@ -48,9 +50,16 @@ def default_workdir(config: ml_collections.ConfigDict) -> str:
     return os.path.join("runs", config.name)
 
 
+def _steps(config, trainer: KoffTrainer) -> int:
+    """Steps a variant trains: all with memory; without memory, the gate steps (a fixed mask: none)."""
+    if trainer.kcfg.has_memory:
+        return config.train.steps
+    return 0 if trainer.fixed_mask is not None else trainer.kcfg.gate_steps  # nothing trains under a frozen mask
+
+
 def _train_variant(run: RunDir, config, trainer: KoffTrainer, variant: str, corpus: setup.Corpus, tokenizer):
     kcfg = trainer.kcfg
-    steps = config.train.steps if kcfg.has_memory else kcfg.gate_steps  # nothing trains under a frozen mask
+    steps = _steps(config, trainer)
     checkpointer = RunCheckpointer(run.path / "checkpoints" / variant, max_to_keep=2)
     batches = setup.train_batches(config, corpus.train, tokenizer)
     state, _ = setup.resume_or_start(checkpointer, trainer, batches, corpus.train, tokenizer, variant)
@@ -70,8 +79,45 @@ def _train_variant(run: RunDir, config, trainer: KoffTrainer, variant: str, corp
     return state
 
 
+def _fixed_mask(run: RunDir, config, variant: str, trainer: KoffTrainer, corpus: setup.Corpus, tokenizer,
+                masks: dict[str, dict[str, np.ndarray]]):
+    """The mask a variant trains under when it does not train its own gates (else None).
+
+    `MASK_FROM` variants take the final mask of a variant trained before them (`masks`).
+    Random and score masks are written to `baselines/<source>_mask.npz` once, so a resumed
+    run trains under exactly the same mask.
+    """
+    if variant in MASK_FROM:
+        return masks[MASK_FROM[variant]]
+    source = mask_source(variant)
+    cfg, k = trainer.cfg, config.koff
+    if source == "gates":
+        return None
+    if source == "dense":
+        return baselines.dense_mask(cfg)
+    path = run.file("baselines", f"{source}_mask.npz")
+    if path.exists():
+        with np.load(path) as saved:
+            return {name: saved[name] for name in saved.files}
+    if source == "random":
+        mask = baselines.random_mask(cfg, k.target_sparsity, k.sparsity_over, seed=config.data.seed)
+    else:
+        batches = pipeline.train_batches(corpus.train, tokenizer, seq_len=config.data.seq_len,
+                                         batch_size=config.data.batch_size,
+                                         seed=config.data.seed + 1)  # training text, not the training order
+        with Timer(run, "score_mask"):
+            scores = baselines.taylor_scores(trainer, itertools.islice(batches, config.train.calibration_batches))
+        mask = baselines.masks_from_scores(cfg, scores, k.target_sparsity, k.sparsity_over)
+    save_npz(path, mask)  # atomic: a resumed run never reads half a mask
+    return mask
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | None = None) -> RunDir:
-    """Run (or resume) the experiment `config` in `workdir` (default `runs/<name>`)."""
+    """Run (or resume) the experiment `config` in `workdir` (default `runs/<name>`).
+
+    With `train.seeds = N > 1`, seeds 1..N-1 are full runs of their own in `seeds/<k>/`
+    (data and KOFF seeds shifted by k, no analysis); the report shows mean +- sd across seeds.
+    """
     start = time.perf_counter()
     mesh = setup.mesh_for(config)  # setup errors leave the work directory untouched
     primary = jax.process_index() == 0  # the process that holds the run directory's lock
@@ -82,7 +128,28 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None) -> RunDir
         log.info("run directory %s", run.path)
         if primary:
             run.record_time("setup", time.perf_counter() - start)
-        return _run_phases(run, config, mesh, decoder, tokenizer, corpus)
+        _run_phases(run, config, mesh, decoder, tokenizer, corpus)
+        _extra_seeds(config, run.path)
+        if primary:
+            write_report(run)
+            log.info("report: %s", run.path / "report.md")
+        return run
+
+
+def _extra_seeds(config: ml_collections.ConfigDict, path) -> None:
+    for k in range(1, config.train.seeds):
+        log.info("seed %d of %d", k + 1, config.train.seeds)
+        run(seed_config(config, k), os.fspath(path / "seeds" / str(k)))
+
+
+def seed_config(config: ml_collections.ConfigDict, k: int) -> ml_collections.ConfigDict:
+    """`config` for its k-th extra seed: data and KOFF seeds shifted by k, one seed, no analysis."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.data.seed += k
+    config.koff.seed += k
+    config.train.seeds = 1
+    config.analysis.enabled = False
+    return config
 
 
 def _barrier(name: str):
@@ -92,22 +159,25 @@ def _barrier(name: str):
     return lambda: multihost_utils.sync_global_devices(name)
 
 
-def _run_phases(run: RunDir, config, mesh, decoder, tokenizer, corpus: setup.Corpus) -> RunDir:
+def _run_phases(run: RunDir, config, mesh, decoder, tokenizer, corpus: setup.Corpus) -> None:
     names, D = corpus.names, len(corpus.names)
     trainers, masks, tables, lora_scales = {}, {}, {}, {}
     probe = list(itertools.islice(_held_out_batches(config, corpus, tokenizer), 2))  # sampled vs deterministic mask
     for variant in config.train.variants:
         kcfg = koff_config(config, D, variant)
-        fixed_mask = masks[MASK_FROM[variant]] if variant in MASK_FROM else None  # the sequential ablation
-        trainer = KoffTrainer(decoder, kcfg, mesh, fixed_mask=fixed_mask)
+        trainer = KoffTrainer(decoder, kcfg, mesh)
+        fixed = _fixed_mask(run, config, variant, trainer, corpus, tokenizer, masks)
+        if fixed is not None:
+            trainer = KoffTrainer(decoder, kcfg, mesh, fixed_mask=fixed)
         with Timer(run, f"train_{variant}"):
             state = _train_variant(run, config, trainer, variant, corpus, tokenizer)
         masks[variant] = export_variant(run, variant, trainer, state, names)
         tables[variant] = state.memory
         lora_scales[variant] = kcfg.lora_scale
         gates = jax.device_get(state.gates)
-        gap = None if variant in MASK_FROM else mask_gap(Scorer(trainer), gates, masks[variant], state.memory or None,
-                                                         lora_scales[variant], probe, seed=config.data.seed)
+        gap = None if trainer.fixed_mask is not None else mask_gap(  # no gates to sample under a fixed mask
+            Scorer(trainer), gates, masks[variant], state.memory or None, lora_scales[variant], probe,
+            seed=config.data.seed)
         save_controller(run, variant, gates, gap)
         trainers[variant] = trainer
 
@@ -120,10 +190,6 @@ def _run_phases(run: RunDir, config, mesh, decoder, tokenizer, corpus: setup.Cor
     if config.analysis.enabled and run.read_result("analysis.json") is None:
         with Timer(run, "analysis"):
             run.write_json("analysis.json", analyze(config, decoder, tokenizer, masks, corpus))
-    if run.primary:
-        write_report(run)
-        log.info("report: %s", run.path / "report.md")
-    return run
 
 
 def _held_out_batches(config, corpus, tokenizer):
@@ -134,38 +200,50 @@ def _held_out_batches(config, corpus, tokenizer):
 
 
 def _evaluate(config, trainer, corpus, tokenizer, masks, tables, lora_scales) -> dict:
-    e = config.eval
-    batches = list(_held_out_batches(config, corpus, tokenizer))
+    e, slots = config.eval, config.koff.memory_slots
+    rows = dict(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, seq_len=config.data.seq_len,
+                batch_size=e.batch_size, first_position=slots)  # text follows the memory slots (trainer.after_memory)
+    documents = document_batches([setup.token_ids(s, tokenizer) for s in corpus.documents], **rows)
+    paragraphs = document_batches([setup.token_ids(s, tokenizer) for s in corpus.held_out], **rows)
     questions = {}
     if e.mc_questions:
-        ids = [setup.token_ids(source, tokenizer) for source in corpus.held_out_all]
         sizes = dict(num_questions=e.mc_questions, prompt_tokens=e.mc_prompt_tokens,
-                     continuation_tokens=e.mc_continuation_tokens, seed=config.data.seed)
-        if "continuation" in e.mc_tasks:
-            questions["continuation"] = multiple_choice.build_questions(ids, aligned=corpus.aligned, **sizes)
+                     continuation_tokens=e.mc_continuation_tokens, seed=config.data.seed, distractors=e.mc_distractors)
+        aligned_ids = [setup.token_ids(source, tokenizer) for source in corpus.held_out_all]
+        if "continuation" in e.mc_tasks:  # from whole documents (pages) when the corpus has them
+            ids = [setup.token_ids(s, tokenizer) for s in corpus.all_documents]
+            questions["continuation"] = multiple_choice.build_questions(
+                ids, aligned=corpus.aligned and corpus.all_documents is corpus.held_out_all, **sizes)
         if "translation" in e.mc_tasks and corpus.aligned:
             separator = tokenizer.encode(TRANSLATION_SEPARATOR, add_bos=False)
+            page_ids = [str(corpus.held_out_all[0].records[i].get("page_id", i))
+                        for i in range(len(corpus.held_out_all[0].records))]
             questions["translation"] = multiple_choice.build_translation_questions(
-                ids, source=0, separator=separator, **sizes)
+                aligned_ids, source=0, separator=separator, pages=page_ids, **sizes)
         elif "translation" in e.mc_tasks:
             log.warning("skipping translation questions: corpus %s is not aligned across domains", config.data.corpus)
     return suite.evaluate(Scorer(trainer), settings_lib.resolve(config.train.variants), domains=corpus.names,
-                          batches=batches, masks=masks, tables=tables, lora_scales=lora_scales, questions=questions,
-                          mc_settings=e.mc_settings, batch_size=e.batch_size, pad_id=tokenizer.pad_id,
-                          first_position=config.koff.memory_slots)
+                          documents=documents, paragraphs=paragraphs, masks=masks, tables=tables,
+                          lora_scales=lora_scales, questions=questions, mc_settings=e.mc_settings,
+                          batch_size=e.batch_size, pad_id=tokenizer.pad_id, first_position=slots)
 
 
 def analyze(config, decoder, tokenizer, masks: dict[str, dict[str, np.ndarray]],
             corpus: setup.Corpus | None = None) -> dict:
-    """LAPE specialisation of the dense model's neurons on held-out text, against every variant's mask."""
+    """LAPE specialisation of the dense model's neurons on held-out text, against every variant's mask.
+
+    Activation statistics read `analysis.tokens` held-out tokens per domain (whole documents,
+    evenly spread over the split; all of it if the split is smaller).
+    """
     a = config.analysis
     corpus = corpus or setup.load_corpus(config)
-    held_out = [setup.spread(source, a.paragraphs) for source in corpus.held_out_all]
-    batches = list(pipeline.eval_batches(held_out, tokenizer, seq_len=config.data.seq_len,
-                                         batch_size=config.eval.batch_size))
-    probs = lape.activation_probabilities(decoder, batches, len(corpus.names))
+    ids = [setup.documents_up_to(source, tokenizer, a.tokens) for source in corpus.all_documents]
+    batches = document_batches(ids, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, seq_len=config.data.seq_len,
+                               batch_size=config.eval.batch_size).batches
+    probs, tokens = lape.activation_probabilities(decoder, batches, len(corpus.names))
     return lape.specialisation(probs, masks, corpus.names, fraction=a.specific_fraction,
-                               min_activation_quantile=a.min_activation_quantile, permutations=a.permutations)
+                               min_activation_quantile=a.min_activation_quantile, permutations=a.permutations,
+                               tokens=tokens.tolist())
 
 
 def analyze_run(workdir: str) -> RunDir:

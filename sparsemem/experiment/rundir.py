@@ -9,6 +9,8 @@ runs/<name>/
   tensorboard/           the same scalars as TensorBoard events
   checkpoints/<variant>/ orbax run checkpoints (resume)
   export/<variant>/      mask.npz, sparsity.json, memory/<domain>.npz
+  baselines/             random_mask.npz, score_mask.npz (fixed masks of baseline variants)
+  seeds/<k>/             seed k's own run directory (train.seeds > 1)
   eval.json  analysis.json  timing.json
   report.md  plots/*.png
 ```

@@ -13,8 +13,7 @@ from flax import nnx
 
 from sparsemem import files
 from sparsemem.checkpoints.hf import load_hf_checkpoint, load_tokenizer, read_config
-from sparsemem.data import pipeline
-from sparsemem.data import sources as sources_lib
+from sparsemem.data import pages as pages_lib, pipeline, sources as sources_lib
 from sparsemem.data.sources import DomainSource, SubsetRecords
 from sparsemem.models.decoder import Decoder
 from sparsemem.parallel.mesh import make_mesh
@@ -60,45 +59,72 @@ def load_model(config: ml_collections.ConfigDict, mesh) -> tuple[Decoder, Tokeni
 @dataclasses.dataclass
 class Corpus:
     names: list[str]
-    train: list[DomainSource]
-    held_out: list[DomainSource]  # capped, evenly spread over the split
-    held_out_all: list[DomainSource]  # the whole held-out split (multiple-choice questions are drawn from it)
+    train: list[DomainSource]  # documents of `data.unit` (whole pages by default)
+    documents: list[DomainSource]  # held-out documents of `data.unit` for perplexity (capped, evenly spread)
+    held_out: list[DomainSource]  # held-out paragraphs (capped, evenly spread): the memory-swap matrix
+    held_out_all: list[DomainSource]  # the whole held-out paragraph split (multiple-choice questions)
     aligned: bool  # held_out[i].records[j] translates held_out[k].records[j]
+    all_documents: list[DomainSource]  # the whole held-out split of `data.unit` documents (MC, activation statistics)
 
 
 def spread(source: DomainSource, count: int) -> DomainSource:
     """`count` records of `source`, evenly spread over it (all if it has fewer)."""
     n = len(source.records)
     if n == 0:
-        raise ValueError(f"domain {source.name!r} has no held-out paragraphs")
+        raise ValueError(f"domain {source.name!r} has no held-out documents")
     indices = np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(int)).tolist()
     return DomainSource(source.name, SubsetRecords(source.records, indices), source.text_key, source.clean)
 
 
-def load_corpus(config: ml_collections.ConfigDict, count: int | None = None) -> Corpus:
-    """Train domains and `count` (default `eval.paragraphs`) held-out paragraphs per domain."""
-    d = config.data
+def load_corpus(config: ml_collections.ConfigDict) -> Corpus:
+    """Train domains, held-out documents (`eval.documents`) and paragraphs (`eval.paragraphs`) per domain.
+
+    The held-out split is `eval.split`. For the help corpus, `data.unit="page"` makes training
+    and perplexity read whole pages; the paragraph-aligned view serves the swap matrix and
+    multiple choice. Other corpora are documents already.
+    """
+    d, e = config.data, config.eval
     data_dir = d.data_dir or None
-    count = config.eval.paragraphs if count is None else count
+    pages = None
     if d.corpus == "libreoffice_help":
         train = sources_lib.libreoffice_sources(list(d.languages), "train", data_dir=data_dir)
-        held = sources_lib.libreoffice_sources(list(d.languages), config.eval.split, aligned=True, data_dir=data_dir)
+        held = sources_lib.libreoffice_sources(list(d.languages), e.split, aligned=True, data_dir=data_dir)
+        if d.unit == "page":
+            train = [pages_lib.page_source(s) for s in train]
+            pages = [pages_lib.page_source(s) for s in
+                     sources_lib.libreoffice_sources(list(d.languages), e.split, data_dir=data_dir)]
+        documents = pages or held
         aligned = True
     elif d.corpus == "wiki40b":
         train, held = ([sources_lib.catalog_source(f"wiki40b/{lang}", split, domain=lang, data_dir=data_dir)
-                        for lang in d.languages] for split in ("train", config.eval.split))
-        aligned = False
+                        for lang in d.languages] for split in ("train", e.split))
+        documents, aligned = held, False
     else:
         train = sources_lib.text_folder_sources(d.folder, "train", data_dir=data_dir)
-        held = sources_lib.text_folder_sources(d.folder, config.eval.split, data_dir=data_dir)
-        aligned = False
-    return Corpus([s.name for s in train], train, [spread(s, count) for s in held], held, aligned)
+        held = sources_lib.text_folder_sources(d.folder, e.split, data_dir=data_dir)
+        documents, aligned = held, False
+    return Corpus([s.name for s in train], train, [spread(s, e.documents) for s in documents],
+                  [spread(s, e.paragraphs) for s in held], held, aligned, documents)
 
 
 def token_ids(source: DomainSource, tokenizer: Tokenizer) -> list[list[int]]:
     """Every record of `source` tokenised with BOS."""
     texts = [source.text(source.records[i]) for i in range(len(source.records))]
     return tokenizer.encode_batch(texts, add_bos=True)
+
+
+def documents_up_to(source: DomainSource, tokenizer: Tokenizer, tokens: int) -> list[list[int]]:
+    """Whole documents of `source` (with BOS), evenly spread over it, until they hold >= `tokens` tokens (or all)."""
+    n = len(source.records)
+    order = np.argsort(np.arange(n) * 0.6180339887 % 1.0, kind="stable")  # golden-ratio order: spread at any prefix
+    out, total = [], 0
+    for i in order:
+        if total >= tokens:
+            break
+        ids = tokenizer.encode(source.text(source.records[int(i)]), add_bos=True)
+        out.append(ids)
+        total += len(ids)
+    return out
 
 
 def prefill_tokens(train: list[DomainSource], tokenizer: Tokenizer, slots: int) -> np.ndarray:
