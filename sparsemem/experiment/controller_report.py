@@ -31,7 +31,7 @@ def mask_gap(scorer, log_alphas: dict, masks: dict, memory: dict | None, lora_sc
         loss = tokens = 0.0
         for batch in batches:
             for gate_values in draws:
-                row_loss, row_tokens = scorer.row_losses(batch, gate_values, memory, lora_scale=lora_scale)
+                row_loss, row_tokens = scorer.row_losses(batch, masks=gate_values, memory=memory, lora_scale=lora_scale)
                 loss, tokens = loss + row_loss.sum(), tokens + row_tokens.sum()
         return float(loss / tokens)
 

@@ -97,7 +97,7 @@ def extensions(run: RunDir) -> list[list[NewDomain]]:
 
 def all_sources(run: RunDir, config, split: str) -> list[DomainSource]:
     """Every domain of the run (its corpus, then each extension's domains) for `split`."""
-    own = setup.load_corpus(config, count=1)
+    own = setup.load_corpus(config)
     base = own.train if split == "train" else own.held_out_all
     data_dir = config.data.data_dir or None
     return base + [d.source(run, split, data_dir) for group in extensions(run) for d in group]
@@ -108,7 +108,7 @@ def _register(run: RunDir, config, domains: list[NewDomain]) -> str:
     groups = extensions(run)
     if domains in groups:
         return "+".join(d.name for d in domains)
-    taken = set(setup.load_corpus(config, count=1).names) | {d.name for group in groups for d in group}
+    taken = set(setup.load_corpus(config).names) | {d.name for group in groups for d in group}
     clash = sorted(taken & {d.name for d in domains})
     if clash:
         raise ExtendError(f"{run.path} already has domain(s) {clash}; pick other names (the run has "
