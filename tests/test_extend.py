@@ -65,6 +65,8 @@ def test_new_domain_loss_falls(extended):
     lines = (run / "extend" / "valves" / "metrics.jsonl").read_text().splitlines()
     steps = [json.loads(line)["step"] for line in lines]
     assert steps == list(range(1, 7))
+    report = (run / "report.md").read_text()
+    assert "## Added domains" in report and "| valves | 6 |" in report
 
 
 def test_new_module_loads_next_to_the_old_ones_and_reexport_agrees(extended, tmp_path):
@@ -129,3 +131,4 @@ def test_route_reports_every_domain_of_the_extended_run(extended, capsys):
         assert np.sum(result["confusion"][kind]["16"], 1).tolist() == [2, 2, 2]
     assert set(result["perplexity"]["oracle"]) == {"en-US", "de", "valves", "geomean"}
     assert "| centroid |" in capsys.readouterr().out
+    assert "## Routing" in (run / "report.md").read_text()

@@ -112,7 +112,7 @@ def register(subparsers) -> None:
     p.add_argument("--folder", action="append", metavar="NAME=PATH",
                    help="a folder of .txt/.jsonl documents as domain NAME (repeatable)")
     p.add_argument("--steps", type=int, default=None,
-                   help="training steps (default: the run's memory phase, train.steps - gate steps)")
+                   help="training steps (default: the run's train.steps)")
     p.set_defaults(func=_extend)
     p = subparsers.add_parser("route", help="routing accuracy, routed vs oracle perplexity and routing cost on the "
                                             "held-out text of an exported run's domains")

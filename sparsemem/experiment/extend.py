@@ -36,6 +36,7 @@ from sparsemem.experiment import setup
 from sparsemem.experiment.config import koff_config
 from sparsemem.experiment.export import load_mask, save_memory_rows
 from sparsemem.experiment.metrics import MetricsLog
+from sparsemem.experiment.report import write_report
 from sparsemem.experiment.rundir import RunDir, Timer
 from sparsemem.train.loop import train
 from sparsemem.train.trainer import KoffTrainer
@@ -141,7 +142,7 @@ def extend(run_dir: str, domains: list[NewDomain], steps: int | None = None) -> 
                     for d in domains]
         kcfg = koff_config(config, len(domains), VARIANT)
         trainer = KoffTrainer(decoder, kcfg, mesh, fixed_mask=load_mask(run, VARIANT))
-        steps = config.train.steps - kcfg.gate_steps if steps is None else steps
+        steps = config.train.steps if steps is None else steps  # as many steps as the run's variants
         checkpointer = RunCheckpointer(home / "checkpoints", max_to_keep=2)
         batches = setup.train_batches(config, train_sources, tokenizer)
         before = run.read_json(f"extend/{name}/before.json")
@@ -169,6 +170,8 @@ def extend(run_dir: str, domains: list[NewDomain], steps: int | None = None) -> 
         result = {"domains": [d.name for d in domains], "steps": steps, "before": before, "after": after}
         run.write_json(f"extend/{name}/eval.json", result)
         _export_into_existing(run, config, decoder, tokenizer, memory, train_sources)
+    if run.primary:
+        write_report(run)
     return result
 
 

@@ -250,6 +250,27 @@ def _save(fig: Figure, path) -> None:
     files.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
 
 
+def added_domain_sections(run: RunDir) -> list[str]:
+    """Markdown for domains added by `sparsemem extend` (held-out perplexity before/after) and `sparsemem route`."""
+    out = []
+    extensions = sorted((run.path / "extend").glob("*/eval.json")) if (run.path / "extend").exists() else []
+    rows = []
+    for path in extensions:
+        result = json.loads(path.read_text())
+        before, after = result["before"], result["after"]
+        rows += [[d, result["steps"], after["ppl_no_memory"][d], before["ppl_memory"][d], after["ppl_memory"][d]]
+                 for d in result["domains"]]
+    if rows:
+        out += ["", "## Added domains (`sparsemem extend`: new memory rows on the frozen mask and backbone)", "",
+                _table(["domain", "steps", "no memory", "memory at its initialisation", "memory trained"], rows)]
+    route = run.read_json("route.json")
+    if route:
+        from sparsemem.experiment.route import tables  # noqa: PLC0415 (serving stack; only when routing was run)
+
+        out += ["", "## Routing (`sparsemem route`: top-1 accuracy by prompt length, held-out text)", "", tables(route)]
+    return out
+
+
 def write_report(run: RunDir) -> str:
     """Render `report.md` and `plots/*.png` from the run directory; returns the markdown."""
     config = run.config()
@@ -310,6 +331,7 @@ def write_report(run: RunDir) -> str:
                         "p (removed more)", "p (removed less)", "removed - chance [95% CI]"], rows),
                 "", "![LAPE](plots/lape.png)"]
         plot_analysis(analysis, plots / "lape.png")
+    out += added_domain_sections(run)
     text = "\n".join(out) + "\n"
     (run.path / "report.md").write_text(text)
     return text

@@ -26,6 +26,7 @@ import numpy as np
 
 from sparsemem.experiment import setup
 from sparsemem.experiment.extend import all_sources
+from sparsemem.experiment.report import write_report
 from sparsemem.experiment.rundir import RunDir, Timer
 from sparsemem.serve import routing
 from sparsemem.serve.deploy import Deployment
@@ -163,6 +164,7 @@ def route_run(run_dir: str, variant: str = "koff", documents: int = 16, lengths=
                              "--continuation")
         result = evaluate_routing(deployment, sequences, lengths, ppl_prompt, batch_size)
     run.write_json("route.json", result)
+    write_report(run)
     return result
 
 
