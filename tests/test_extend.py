@@ -53,7 +53,9 @@ def extended(tmp_path_factory, demo_folder):
 def test_old_rows_mask_gates_and_modules_stay_bit_identical(extended):
     run, before, _ = extended
     after = digests(run)
-    assert {name: after.get(name) for name in before} == before
+    derived = ("report.md", "plots/")  # the report is re-rendered to show the added domains
+    kept = {name: digest for name, digest in before.items() if not name.startswith(derived)}
+    assert {name: after.get(name) for name in kept} == kept
     assert "export/koff/memory/valves.npz" in after  # the new row joins the run's
 
 
