@@ -12,7 +12,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from sparsemem.experiment.config import trains_gates
-from sparsemem.experiment.export import save_npz
+from sparsemem.experiment.export import load_npz, save_npz
 from sparsemem.experiment.rundir import RunDir
 from sparsemem.koff import gates as gates_lib
 
@@ -52,8 +52,7 @@ def _load_gates(run: RunDir, variant: str) -> dict[str, np.ndarray] | None:
     path = run.path / "export" / variant / "gates.npz"
     if not path.exists():
         return None
-    with np.load(path) as data:
-        return dict(data)
+    return load_npz(path)
 
 
 def controller_rows(metrics: list[dict], gates: dict[str, dict[str, np.ndarray]],

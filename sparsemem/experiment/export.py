@@ -58,14 +58,19 @@ def save_npz(path: epath.Path, arrays: dict[str, np.ndarray]) -> None:
     atomic_write(path, write)
 
 
+def load_npz(path: epath.Path) -> dict[str, np.ndarray]:
+    """The arrays of an `.npz` file, read through epath (local or `gs://`)."""
+    with path.open("rb") as f, np.load(f) as data:
+        return dict(data)
+
+
 def load_mask(run: RunDir, variant: str) -> dict[str, np.ndarray]:
     path = run.path / "export" / variant / "mask.npz"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: the run has not finished training variant {variant!r}; "
                                 "rerun `sparsemem run` with its config to complete it")
     try:
-        with path.open("rb") as f, np.load(f) as data:
-            return dict(data)
+        return load_npz(path)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
         raise DamagedFileError(path, str(error), "rerun `sparsemem run` with the run's config: it exports the mask "
                                                  "again from the final checkpoint") from None

@@ -28,7 +28,7 @@ from sparsemem.experiment import setup
 from sparsemem.evaluation.documents import document_batches
 from sparsemem.experiment.config import MASK_FROM, koff_config, mask_source
 from sparsemem.experiment.controller_report import mask_gap, save_controller
-from sparsemem.experiment.export import export_variant, load_mask, save_npz
+from sparsemem.experiment.export import export_variant, load_mask, load_npz, save_npz
 from sparsemem.experiment.metrics import MetricsLog
 from sparsemem.experiment.report import write_report
 from sparsemem.experiment.rundir import RunDir, Timer
@@ -97,8 +97,7 @@ def _fixed_mask(run: RunDir, config, variant: str, trainer: KoffTrainer, corpus:
         return baselines.dense_mask(cfg)
     path = run.file("baselines", f"{source}_mask.npz")
     if path.exists():
-        with np.load(path) as saved:
-            return {name: saved[name] for name in saved.files}
+        return load_npz(path)
     if source == "random":
         mask = baselines.random_mask(cfg, k.target_sparsity, k.sparsity_over, seed=config.data.seed)
     else:
