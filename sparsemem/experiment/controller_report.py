@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from matplotlib.figure import Figure
 
+from sparsemem import files
 from sparsemem.experiment.config import trains_gates
 from sparsemem.experiment.export import load_npz, save_npz
 from sparsemem.experiment.rundir import RunDir
@@ -100,7 +101,7 @@ def plot_controller(metrics: list[dict], gates: dict[str, dict[str, np.ndarray]]
     histogram.set(xlabel="final P(z > 0) per unit", ylabel="units", yscale="log")
     histogram.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    files.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))  # local or gs://
 
 
 def controller_section(run: RunDir, variants, metrics: list[dict], plots) -> list[str]:

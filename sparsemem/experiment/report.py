@@ -157,7 +157,7 @@ def plot_positions(results: dict, path) -> None:
     ax.set_ylabel("mean loss (nats)")
     ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
 
 
 def plot_training(metrics: list[dict], path, gate_steps: int | None = None) -> None:
