@@ -63,28 +63,46 @@ def test_mask_and_memory_change_losses_and_swap_picks_the_row(setup):
 
 
 def test_document_losses_equal_each_document_scored_alone(setup):
+    """Packed windows score every target once, each as the document read alone up to it would (BOS, context)."""
     decoder, scorer, _, _ = setup
     rng = np.random.default_rng(1)
-    seq_len, eos = 10, 1
-    docs = [[[2, *rng.integers(3, 300, n)] for n in lengths] for lengths in ([3, 14, 5], [25, 1])]  # 14, 25: split
-    packed = document_batches(docs, eos_id=eos, pad_id=0, seq_len=seq_len, batch_size=3, first_position=2)
+    seq_len, context, eos = 10, 3, 1
+    docs = [[[2, *rng.integers(3, 300, n)] for n in lengths] for lengths in ([3, 14, 5], [25, 1])]  # 14, 25: windows
+    packed = document_batches(docs, eos_id=eos, pad_id=0, seq_len=seq_len, context=context, batch_size=3,
+                              first_position=2)
     got = document_losses(scorer, packed)
     np.testing.assert_array_equal(packed.domain, [0, 0, 0, 1, 1])
     np.testing.assert_array_equal(packed.tokens, [4, 15, 6, 26, 2])  # every target once: text + EOS
     for n, ids in enumerate(ids for domain in docs for ids in domain):
         tokens = np.asarray([*ids, eos])
-        expected, first = 0.0, None
-        for start in range(0, len(tokens) - 1, seq_len):  # pieces do not see each other, as in training
-            piece = tokens[start:start + seq_len + 1]
-            positions = 2 + np.arange(len(piece) - 1)[None]
-            hidden, _ = decoder(piece[None, :-1], positions=positions)
-            ce = np.asarray(token_cross_entropy(decoder, hidden, piece[None, 1:]))[0]
-            expected += ce.sum()
-            first = ce[0] if first is None else first
-        np.testing.assert_allclose(got.loss[n], expected, rtol=1e-5)
-        np.testing.assert_allclose(got.first[n], first, rtol=1e-5)
+        expected = []
+        for target in range(len(tokens) - 1):  # the window that scores `target`: BOS + >= `context` earlier tokens
+            start = 0 if target < seq_len else seq_len + (target - seq_len) // (seq_len - context - 1) * (
+                seq_len - context - 1)
+            window = tokens[:target + 2] if start == 0 else np.concatenate([tokens[:1], tokens[start - context:target + 2]])
+            positions = 2 + np.arange(len(window) - 1)[None]
+            hidden, _ = decoder(window[None, :-1], positions=positions)
+            expected.append(np.asarray(token_cross_entropy(decoder, hidden, window[None, 1:]))[0, -1])
+        np.testing.assert_allclose(got.loss[n], np.sum(expected), rtol=1e-5)
+        np.testing.assert_allclose(got.first[n], expected[0], rtol=1e-5)
     np.testing.assert_allclose(got.by_offset.sum(), got.loss.sum(), rtol=1e-6)
     assert got.count_by_offset.sum() == packed.tokens.sum() and got.count_by_offset[0] == 5
+
+
+def test_document_windows_carry_their_context_unscored():
+    tokens = [[[2, *range(10, 40)]]]  # 30 text tokens + EOS: 31 targets
+    packed = document_batches(tokens, eos_id=1, pad_id=0, seq_len=12, context=4, batch_size=8)
+    batch = packed.batches[0]
+    scored = batch["loss_mask"] > 0
+    np.testing.assert_array_equal(np.sort(batch["offset"][scored]), np.arange(31))
+    for row, segments in enumerate(batch["segment_ids"]):
+        for segment in set(segments[segments > 0].tolist()):
+            columns = np.flatnonzero(segments == segment)
+            assert batch["inputs"][row, columns[0]] == 2  # every window starts with BOS
+            if batch["offset"][row, columns].max() >= 12:  # a later window: BOS and >= 4 context targets unscored
+                assert not scored[row, columns[:1 + 4]].any()
+    with pytest.raises(ValueError, match="context=11"):
+        document_batches(tokens, eos_id=1, pad_id=0, seq_len=12, context=11, batch_size=8)
 
 
 def test_settings_use_retrained_ablations_when_trained():

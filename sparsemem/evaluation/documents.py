@@ -3,12 +3,15 @@
 Training packs with grain (`sparsemem.data.pipeline`); evaluation needs more than a
 per-domain sum: per-document losses (bootstrap intervals over documents), the loss
 by position in the document, and the loss without the first target after BOS. So
-evaluation rows are built here, deterministically, in the same layout training
-uses: a document is `[bos] + ids + [eos]`, cut into pieces of at most `seq_len`
-targets (each piece its own segment, positions from `first_position`), pieces packed
-in order into rows of one domain (next fit). Two extra keys travel with each batch:
-`document [B, T]` (index into the documents, -1 for padding) and `offset [B, T]`
-(the target's index in its document: 0 is the first token after BOS).
+evaluation rows are built here, deterministically: a document is `[bos] + ids + [eos]`;
+one that does not fit in one row of `seq_len` targets is scored in windows, each later
+window starting with BOS and the `context` tokens before its first scored target
+(targets there are not scored), so every target is scored once and, past the first
+window, still sees at least `context` tokens of its document. Pieces are packed in
+order into rows of one domain (next fit), each its own segment with positions from
+`first_position`. Two extra keys travel with each batch: `document [B, T]` (index into
+the documents, -1 for padding and unscored context) and `offset [B, T]` (the target's
+index in its document: 0 is the first token after BOS).
 """
 
 from __future__ import annotations
@@ -37,16 +40,34 @@ def _new_batch(batch_size: int, seq_len: int, pad_id: int) -> dict[str, np.ndarr
             "document": np.full((b, t), -1, np.int32), "offset": np.full((b, t), -1, np.int32)}
 
 
+def _windows(tokens: np.ndarray, seq_len: int, context: int) -> list[tuple[np.ndarray, int, int]]:
+    """`(ids, unscored, start)` per window of one `[bos, ..., eos]` document.
+
+    `ids[:-1]` are a row's inputs and `ids[1:]` its targets; the first `unscored` targets
+    are context; the scored ones are the document's targets `start, start + 1, ...`.
+    """
+    windows, start = [(tokens[:seq_len + 1], 0, 0)], seq_len
+    while start < len(tokens) - 1:
+        end = min(start + seq_len - context - 1, len(tokens) - 1)
+        windows.append((np.concatenate([tokens[:1], tokens[start - context:end + 1]]), context + 1, start))
+        start = end
+    return windows
+
+
 def document_batches(token_ids: Sequence[Sequence[Sequence[int]]], *, eos_id: int, pad_id: int, seq_len: int,
-                     batch_size: int, first_position: int = 0) -> DocumentBatches:
+                     batch_size: int, context: int = 0, first_position: int = 0) -> DocumentBatches:
     """Rows of `token_ids[domain][document]` (each with BOS, without EOS) in fixed `[batch_size, seq_len]` batches.
 
-    Documents are numbered domain by domain in order. The last batch is padded with
-    empty rows (loss mask 0).
+    Documents are numbered domain by domain in order. A document longer than a row is
+    scored in windows carrying `context` earlier tokens (module docstring). The last
+    batch is padded with empty rows (loss mask 0).
     """
     if seq_len < 1 or batch_size < 1:
         raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must be >= 1")
-    rows: list[tuple[int, list[tuple[int, np.ndarray, int]]]] = []  # (domain, [(document, tokens, start)])
+    if not 0 <= context <= seq_len - 2:
+        raise ValueError(f"context={context} must be in [0, seq_len - 2 = {seq_len - 2}]: a window holds BOS, the "
+                         "context and at least one scored target")
+    rows: list[tuple[int, list[tuple[int, np.ndarray, int, int]]]] = []  # (domain, [(document, ids, unscored, start)])
     domains, lengths = [], []
     for domain, documents in enumerate(token_ids):
         row, used = [], 0
@@ -57,12 +78,11 @@ def document_batches(token_ids: Sequence[Sequence[Sequence[int]]], *, eos_id: in
             document = len(domains)
             domains.append(domain)
             lengths.append(len(tokens) - 1)
-            for start in range(0, len(tokens) - 1, seq_len):
-                piece = tokens[start:start + seq_len + 1]
+            for piece, unscored, start in _windows(tokens, seq_len, context):
                 if used + len(piece) - 1 > seq_len:
                     rows.append((domain, row))
                     row, used = [], 0
-                row.append((document, piece, start))
+                row.append((document, piece, unscored, start))
                 used += len(piece) - 1
         if row:
             rows.append((domain, row))
@@ -72,15 +92,15 @@ def document_batches(token_ids: Sequence[Sequence[Sequence[int]]], *, eos_id: in
         for r, (domain, pieces) in enumerate(rows[first:first + batch_size]):
             batch["domain"][r] = domain
             col = 0
-            for segment, (document, piece, start) in enumerate(pieces, start=1):
+            for segment, (document, piece, unscored, start) in enumerate(pieces, start=1):
                 n = len(piece) - 1
-                span = slice(col, col + n)
+                span, scored = slice(col, col + n), slice(col + unscored, col + n)
                 batch["inputs"][r, span], batch["targets"][r, span] = piece[:-1], piece[1:]
-                batch["loss_mask"][r, span] = 1.0
                 batch["segment_ids"][r, span] = segment
                 batch["positions"][r, span] = first_position + np.arange(n)
-                batch["document"][r, span] = document
-                batch["offset"][r, span] = start + np.arange(n)
+                batch["loss_mask"][r, scored] = 1.0
+                batch["document"][r, scored] = document
+                batch["offset"][r, scored] = start + np.arange(n - unscored)
                 col += n
         batches.append(batch)
     return DocumentBatches(batches, np.asarray(domains, np.int32), np.asarray(lengths, np.float64))

@@ -90,6 +90,11 @@ def defaults() -> ml_collections.ConfigDict:
         paragraphs=64,  # held-out aligned paragraphs per domain for the memory-swap matrix
         resamples=2000,  # bootstrap resamples of the documents (questions) for every 95% interval
         batch_size=4,
+        # Rows of held-out text: a longer document is scored in windows that carry the `context`
+        # tokens before their first scored target (training's data.seq_len is a compute budget,
+        # not the model's context; cutting evaluation there scored half the demo's tokens blind).
+        seq_len=1024,
+        context=256,
         mc_questions=16,  # multiple-choice questions per domain and task (0: skip)
         mc_distractors="same_page",  # "same_page": from the answer's page first, then nearest in length; "random"
         mc_tasks=("continuation", "translation"),  # translation: from the first language (aligned corpora only)
@@ -242,11 +247,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
         problems.append(f"eval.split={c.eval.split!r} must be 'validation' or 'test'")
     for key in ("data.seq_len", "data.batch_size", "train.steps", "train.log_every", "train.seeds",
                 "train.calibration_batches", "eval.documents", "eval.paragraphs", "eval.batch_size", "eval.resamples",
+                "eval.seq_len",
                 "analysis.tokens", "analysis.permutations", "mesh.data", "mesh.fsdp", "mesh.model"):
         if flatten(c)[key] < 1:
             problems.append(f"{key}={flatten(c)[key]} must be >= 1")
     if c.train.save_every < 0:
         problems.append(f"train.save_every={c.train.save_every} must be >= 0 (0: save only at the end)")
+    if not 0 <= c.eval.context <= c.eval.seq_len - 2:
+        problems.append(f"eval.context={c.eval.context} must be in [0, eval.seq_len - 2]: a window holds BOS, the "
+                        "context and at least one scored target")
     if c.eval.mc_prompt_tokens + c.eval.mc_continuation_tokens + 1 > c.data.seq_len:
         problems.append("eval.mc_prompt_tokens + eval.mc_continuation_tokens + 1 must fit data.seq_len")
     if not 0.0 < c.analysis.specific_fraction < 1.0:

@@ -200,7 +200,7 @@ def _held_out_batches(config, corpus, tokenizer):
 
 def _evaluate(config, trainer, corpus, tokenizer, masks, tables, lora_scales) -> dict:
     e, slots = config.eval, config.koff.memory_slots
-    rows = dict(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, seq_len=config.data.seq_len,
+    rows = dict(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, seq_len=e.seq_len, context=e.context,
                 batch_size=e.batch_size, first_position=slots)  # text follows the memory slots (trainer.after_memory)
     documents = document_batches([setup.token_ids(s, tokenizer) for s in corpus.documents], **rows)
     paragraphs = document_batches([setup.token_ids(s, tokenizer) for s in corpus.held_out], **rows)
