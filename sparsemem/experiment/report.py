@@ -161,20 +161,23 @@ def plot_positions(results: dict, path) -> None:
 
 
 def plot_training(metrics: list[dict], path, gate_steps: int | None = None) -> None:
-    """Loss, expected sparsity (the realised mask's once frozen) and lambda1 per step; a line where the mask froze."""
+    """Loss and expected sparsity (each variant's target dashed in its colour) per step; lambda1 only when a
+    Lagrangian controller moved it (the projection controller has no multiplier); a line where the mask froze."""
     variants = sorted({m["variant"] for m in metrics})
-    fig = Figure(figsize=(15, 4))
-    axes = fig.subplots(1, 3)
+    lagrangian = any(m.get("lambda1", 0.0) != 0.0 for m in metrics)
+    titles = ["train loss (nats/token)", "expected sparsity (prunable)"] + (["Lagrange multiplier"] if lagrangian else [])
+    fig = Figure(figsize=(5 * len(titles), 4))
+    axes = fig.subplots(1, len(titles))
     for v in variants:
         rows = [m for m in metrics if m["variant"] == v]
         steps = [m["step"] for m in rows]
-        axes[0].plot(steps, [m["loss"] for m in rows], label=v)
-        axes[1].plot(steps, [m["expected_sparsity"] for m in rows], label=f"{v} expected")
-        axes[2].plot(steps, [m["lambda1"] for m in rows], label=f"{v} lambda1")
-    if metrics:
-        rows = [m for m in metrics if m["variant"] == variants[0]]
-        axes[1].plot([m["step"] for m in rows], [m["target"] for m in rows], "k--", label="target")
-    for ax, title in zip(axes, ("train loss (nats/token)", "expected sparsity (prunable)", "Lagrange multiplier")):
+        (line,) = axes[0].plot(steps, [m["loss"] for m in rows], label=v)
+        axes[1].plot(steps, [m["expected_sparsity"] for m in rows], color=line.get_color(), label=v)
+        axes[1].plot(steps, [m["target"] for m in rows], "--", color=line.get_color(), linewidth=0.8)
+        if lagrangian:
+            axes[2].plot(steps, [m["lambda1"] for m in rows], color=line.get_color(), label=v)
+    axes[1].plot([], [], "k--", linewidth=0.8, label="target")
+    for ax, title in zip(axes, titles):
         if gate_steps is not None and gate_steps < max(m["step"] for m in metrics):
             ax.axvline(gate_steps, color="grey", linestyle=":", label="mask frozen")
         ax.set_title(title)
