@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -24,11 +25,36 @@ log = logging.getLogger(__name__)
 STAGED_MODELS = "~/.cache/sparsemem/staged"  # where a `gs://` model.path is copied on each host
 
 
+# Read here for processes jax cannot detect (see `start_distributed`); jax reads JAX_COORDINATOR_ADDRESS itself.
+PROCESS_ENV = ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+def start_distributed() -> None:
+    """`jax.distributed.initialize()` once per process (a run's seed sub-runs ask again).
+
+    On a Cloud TPU slice (also Slurm, Open MPI, Kubernetes) jax detects the coordinator, the
+    process count and this process's id. Elsewhere (processes on one machine, plain VMs) set
+    `JAX_COORDINATOR_ADDRESS=host:port` (read by jax), `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`
+    (read here) in every process's environment.
+    """
+    if jax.distributed.is_initialized():
+        return
+    given = {name: os.environ[name] for name in PROCESS_ENV if os.environ.get(name)}
+    if not given:
+        jax.distributed.initialize()
+        return
+    if len(given) != len(PROCESS_ENV) or not all(v.isdigit() for v in given.values()):
+        raise ValueError(f"mesh.distributed: got {given}; set both {' and '.join(PROCESS_ENV)} to integers "
+                         "(with JAX_COORDINATOR_ADDRESS=host:port), or neither on a slice jax detects itself")
+    jax.distributed.initialize(num_processes=int(given["JAX_NUM_PROCESSES"]),
+                               process_id=int(given["JAX_PROCESS_ID"]))
+
+
 def mesh_for(config: ml_collections.ConfigDict):
-    """The run's mesh over the first data x fsdp x model devices (after jax.distributed.initialize if asked)."""
+    """The run's mesh over the first data x fsdp x model devices (after jax.distributed starts, if asked)."""
     m = config.mesh
     if m.distributed:
-        jax.distributed.initialize()
+        start_distributed()
     n = m.data * m.fsdp * m.model
     if n > len(jax.devices()):
         raise ValueError(f"mesh {m.data}x{m.fsdp}x{m.model} (data x fsdp x model) needs {n} devices but "
@@ -143,10 +169,11 @@ def prefill_tokens(train: list[DomainSource], tokenizer: Tokenizer, slots: int) 
     return np.asarray(rows, np.int32)
 
 
-def train_batches(config: ml_collections.ConfigDict, sources: list[DomainSource], tokenizer: Tokenizer):
-    """The run's resumable training batches over `sources` (domain ids = positions)."""
+def train_batches(config: ml_collections.ConfigDict, sources: list[DomainSource], tokenizer: Tokenizer,
+                  shard: pipeline.Shard | None = None):
+    """The run's resumable training batches over `sources` (domain ids = positions); `shard`: this process's."""
     return pipeline.train_batches(sources, tokenizer, seq_len=config.data.seq_len,
-                                  batch_size=config.data.batch_size, seed=config.data.seed)
+                                  batch_size=config.data.batch_size, seed=config.data.seed, shard=shard)
 
 
 def fresh_state(trainer, sources: list[DomainSource], tokenizer: Tokenizer):
