@@ -16,11 +16,12 @@ from safetensors.numpy import save_file
 
 from sparsemem import cli, files
 from sparsemem.checkpoints.hf import load_hf_checkpoint, read_config
-from sparsemem.checkpoints.run_state import RunCheckpointer
+from sparsemem.checkpoints.run_state import PER_PROCESS, DataStateError, RunCheckpointer
 from sparsemem.data import text_folder
 from sparsemem.experiment.config import load_config
 from sparsemem.experiment.metrics import MetricsLog, drop_torn_line, read_metrics
 from sparsemem.experiment.rundir import MARKER, RunDir
+from sparsemem.experiment.setup import PROCESS_ENV, start_distributed
 from sparsemem.models.config import preset, to_hf_config
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -130,6 +131,30 @@ def test_resume_falls_back_to_the_newest_readable_checkpoint_step(tmp_path, capl
     assert RunCheckpointer(directory).restore_newest_readable(abstract) is None  # nothing readable: start over
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
         "koff", "koff.damaged-step-2", "koff.damaged-step-4", "koff.damaged-step-4-2"]
+
+
+def test_a_checkpoint_saved_by_another_number_of_processes_is_refused_not_set_aside(tmp_path):
+    directory = tmp_path / "checkpoints" / "koff"
+    checkpointer = RunCheckpointer(directory)
+    checkpointer.save(2, _state(2), {PER_PROCESS: [{"position": 1}, {"position": 2}]})  # as two processes save it
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _state(1))
+    with pytest.raises(DataStateError, match="saved by 2 process.*this run has 1"):
+        checkpointer.restore_newest_readable(abstract)
+    assert checkpointer.all_steps() == [2]  # not damage: the step stays
+    checkpointer.save(4, _state(4), {"position": 4})  # one process saves its own state as is
+    assert checkpointer.restore(abstract)[1] == {"position": 4}
+    checkpointer.close()
+
+
+@pytest.mark.parametrize("env", [{"JAX_NUM_PROCESSES": "2"}, {"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "one"}])
+def test_an_incomplete_process_environment_is_refused_naming_both_variables(monkeypatch, env):
+    for name in PROCESS_ENV:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match="set both JAX_NUM_PROCESSES and JAX_PROCESS_ID"):
+        start_distributed()
+    assert not jax.distributed.is_initialized()
 
 
 @pytest.mark.parametrize("name", ["..txt", "...txt", ".hidden.jsonl"])

@@ -20,12 +20,21 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from sparsemem.files import as_path, is_local, set_aside
+from sparsemem.parallel import multihost
 
 log = logging.getLogger(__name__)
 
 
+# Key of the data state when every process saved its own (multi-host runs).
+PER_PROCESS = "per_process"
+
+
 class CheckpointLayoutError(ValueError):
     """A checkpoint's arrays differ in names or shapes from the state being restored."""
+
+
+class DataStateError(ValueError):
+    """A checkpoint's data state was saved by another number of processes than restore it."""
 
 
 def _name(entry) -> str:
@@ -86,11 +95,18 @@ class RunCheckpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: Any, data_state: dict | None = None) -> None:
-        """Write `state` (and the data iterator's JSON state) as `step`; blocks until durable."""
+        """Write `state` (and the data iterator's JSON state) as `step`; blocks until durable.
+
+        Every process takes part. Each process reads its own data shard, so with several
+        processes the data state saved is every process's (process 0 writes the JSON).
+        """
         nested = _nest(state)
+        data_state = data_state or {}
+        if jax.process_count() > 1:
+            data_state = {PER_PROCESS: multihost.allgather_json(data_state)}
         self.manager.save(int(step), args=ocp.args.Composite(
             state=ocp.args.StandardSave(nested),
-            data=ocp.args.JsonSave(data_state or {}),
+            data=ocp.args.JsonSave(data_state),
             layout=ocp.args.JsonSave(_layout(nested))), force=True)
         self.manager.wait_until_finished()
 
@@ -114,7 +130,22 @@ class RunCheckpointer:
                 f"num_domains, memory_slots, lora_targets, block_gates or model?); differing arrays: {diff}")
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
-        return _unnest(restored["state"], abstract_state), dict(restored["data"] or {})
+        return _unnest(restored["state"], abstract_state), self._own_data_state(dict(restored["data"] or {}), step)
+
+    def _own_data_state(self, data_state: dict, step: int) -> dict:
+        """This process's data state from a saved one (saved by one process, or by every process)."""
+        if PER_PROCESS not in data_state:
+            saved = 1
+        else:
+            saved = len(data_state[PER_PROCESS])
+            if saved == jax.process_count():
+                return data_state[PER_PROCESS][jax.process_index()]
+        if saved != jax.process_count():
+            raise DataStateError(
+                f"checkpoint step {step} in {self.directory} was saved by {saved} process(es), this run has "
+                f"{jax.process_count()}: each process reads its own data shard, so the data position cannot carry "
+                "over; resume with the same number of hosts, or start a new --workdir")
+        return data_state
 
     def restore_newest_readable(self, abstract_state: Any) -> tuple[Any, dict] | None:
         """`restore` from the newest step that reads back (None if none does); unreadable steps are moved aside.
@@ -126,7 +157,7 @@ class RunCheckpointer:
         for step in sorted(self.all_steps(), reverse=True):
             try:
                 return self.restore(abstract_state, step)
-            except CheckpointLayoutError:
+            except (CheckpointLayoutError, DataStateError):
                 raise
             except Exception as error:  # orbax/tensorstore raise many types for unreadable files
                 aside = set_aside(self.directory / str(step),

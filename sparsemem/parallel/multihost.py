@@ -1,0 +1,32 @@
+"""What the processes of a multi-host run exchange besides arrays: barriers and small JSON values.
+
+With one process every function here is a no-op or the identity, so callers need no branch.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+
+def barrier(name: str) -> Callable[[], None]:
+    """A function that waits until every process has called it (with the same `name`)."""
+    if jax.process_count() == 1:
+        return lambda: None
+    return lambda: multihost_utils.sync_global_devices(name)
+
+
+def allgather_json(value: Any) -> list[Any]:
+    """Every process's JSON-serialisable `value`, in process order, on every process."""
+    if jax.process_count() == 1:
+        return [value]
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.int32(len(data)))
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:len(data)] = data
+    rows = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(row[:n])) for row, n in zip(rows, lengths)]
