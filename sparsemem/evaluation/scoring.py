@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from sparsemem.evaluation.documents import DocumentBatches, DocumentLosses, accumulate
 from sparsemem.koff import gates as gates_lib
@@ -44,18 +45,33 @@ class Scorer:
     def token_losses(self, batch: Mapping[str, np.ndarray], masks: Mapping[str, jax.Array] | None = None,
                      memory: Mapping[str, jax.Array] | None = None, memory_index: np.ndarray | None = None,
                      lora_scale: float = 1.0) -> np.ndarray:
-        """`[B, T]` per-target losses in nats, 0 outside the loss mask."""
-        placed = self.trainer.place_batch(batch)
-        index = placed["domain"] if memory_index is None else jnp.asarray(memory_index, jnp.int32)
+        """`[B, T]` per-target losses in nats, 0 outside the loss mask.
+
+        Every process passes the same whole `batch` (evaluation data is not sharded by process)
+        and gets all of it back: each places its own block of rows, the result is gathered.
+        """
+        placed = self.trainer.place_batch(_process_rows(batch))
+        index = placed["domain"] if memory_index is None else np.asarray(memory_index, np.int32)
         scales = gates_lib.scales(dict(masks)) if masks is not None else None
         with jax.set_mesh(self.trainer.mesh), axis_rules(self.trainer.rules):
             out = self._fn(self.trainer.backbone, scales, dict(memory) if memory else {}, index, placed,
                            float(lora_scale))
-        return np.asarray(jax.device_get(out), np.float64)
+        return np.asarray(multihost_utils.process_allgather(out, tiled=True), np.float64)
 
     def row_losses(self, batch: Mapping[str, np.ndarray], **kwargs) -> tuple[np.ndarray, np.ndarray]:
         """`(loss_sum [B], tokens [B])` in nats over each row's loss mask; `kwargs` as for `token_losses`."""
         return self.token_losses(batch, **kwargs).sum(axis=1), np.asarray(batch["loss_mask"], np.float64).sum(axis=1)
+
+
+def _process_rows(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This process's block of rows of `batch`: `place_batch` stacks the blocks in process order."""
+    count, index = jax.process_count(), jax.process_index()
+    rows = len(batch["domain"])
+    if rows % count:
+        raise ValueError(f"an evaluation batch of {rows} rows cannot be split over {count} processes; "
+                         f"set eval.batch_size to a multiple of {count}")
+    block = rows // count
+    return {key: value[index * block:(index + 1) * block] for key, value in batch.items()}
 
 
 def document_losses(scorer: Scorer, documents: DocumentBatches, *, memory_index: int | None = None,

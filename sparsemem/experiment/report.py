@@ -336,5 +336,5 @@ def write_report(run: RunDir) -> str:
         plot_analysis(analysis, plots / "lape.png")
     out += added_domain_sections(run)
     text = "\n".join(out) + "\n"
-    (run.path / "report.md").write_text(text)
+    files.atomic_write(run.path / "report.md", lambda tmp: tmp.write_text(text))  # readers never see half a report
     return text

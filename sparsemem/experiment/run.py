@@ -16,12 +16,12 @@ import time
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 
 from sparsemem.analysis import lape
 from sparsemem.checkpoints.run_state import RunCheckpointer
 from sparsemem.data import pipeline
 from sparsemem.koff import baselines
+from sparsemem.parallel import multihost
 from sparsemem.evaluation import multiple_choice, settings as settings_lib, suite
 from sparsemem.evaluation.scoring import Scorer
 from sparsemem.experiment import setup
@@ -95,7 +95,7 @@ def _fixed_mask(run: RunDir, config, variant: str, trainer: KoffTrainer, corpus:
         return None
     if source == "dense":
         return baselines.dense_mask(cfg)
-    path = run.file("baselines", f"{source}_mask.npz")
+    path = run.path / "baselines" / f"{source}_mask.npz"
     if path.exists():
         return load_npz(path)
     if source == "random":
@@ -107,7 +107,8 @@ def _fixed_mask(run: RunDir, config, variant: str, trainer: KoffTrainer, corpus:
         with Timer(run, "score_mask"):
             scores = baselines.taylor_scores(trainer, itertools.islice(batches, config.train.calibration_batches))
         mask = baselines.masks_from_scores(cfg, scores, k.target_sparsity, k.sparsity_over)
-    save_npz(path, mask)  # atomic: a resumed run never reads half a mask
+    if run.primary:  # every process computed the same mask (the score mask's batches span all of them)
+        save_npz(run.file("baselines", path.name), mask)  # atomic: a resumed run never reads half a mask
     return mask
 
 
@@ -123,7 +124,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None) -> RunDir
     run = RunDir.check(workdir or default_workdir(config), config, primary=primary)  # before the slow setup
     corpus = setup.load_corpus(config)
     decoder, tokenizer = setup.load_model(config, mesh)
-    with run.open(config, primary=primary, barrier=_barrier("sparsemem run directory")):
+    with run.open(config, primary=primary, barrier=multihost.barrier("sparsemem run directory")):
         log.info("run directory %s", run.path)
         if primary:
             run.record_time("setup", time.perf_counter() - start)
@@ -149,13 +150,6 @@ def seed_config(config: ml_collections.ConfigDict, k: int) -> ml_collections.Con
     config.train.seeds = 1
     config.analysis.enabled = False
     return config
-
-
-def _barrier(name: str):
-    """Every process waits here until all have arrived (nothing to wait for with one process)."""
-    if jax.process_count() == 1:
-        return lambda: None
-    return lambda: multihost_utils.sync_global_devices(name)
 
 
 def _run_phases(run: RunDir, config, mesh, decoder, tokenizer, corpus: setup.Corpus) -> None:
@@ -192,9 +186,12 @@ def _run_phases(run: RunDir, config, mesh, decoder, tokenizer, corpus: setup.Cor
 
 
 def _held_out_batches(config, corpus, tokenizer):
-    """Held-out evaluation batches, text placed after the memory slots (the scorer does not shift)."""
+    """Held-out evaluation batches, text placed after the memory slots (the scorer does not shift).
+
+    Every process reads all of them (`Scorer` takes the same whole batches on every process).
+    """
     for batch in pipeline.eval_batches(corpus.held_out, tokenizer, seq_len=config.data.seq_len,
-                                       batch_size=config.eval.batch_size):
+                                       batch_size=config.eval.batch_size, shard=pipeline.Shard(0, 1)):
         yield after_memory(batch, config.koff.memory_slots)
 
 

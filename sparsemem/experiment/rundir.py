@@ -239,7 +239,9 @@ class RunDir:
             return None
 
     def record_time(self, phase: str, seconds: float) -> None:
-        """Add `seconds` to `phase` in timing.json (phases of every invocation add up)."""
+        """Add `seconds` to `phase` in timing.json (phases of every invocation add up; process 0 only)."""
+        if not self.primary:
+            return
         timing = self.read_result("timing.json") or {}
         timing[phase] = timing.get(phase, 0.0) + seconds
         self.write_json("timing.json", timing)
