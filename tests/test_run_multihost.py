@@ -1,9 +1,8 @@
 """`sparsemem run` as two `jax.distributed` processes on loopback, end to end, against one process.
 
 The CI config, cut to two variants (`koff`, and `random_mask` for a baseline mask file), one
-seed, 4 steps with a checkpoint every 2, few evaluation documents, one multiple-choice task
-scored in one setting, few analysis tokens; it still
-goes through every phase: setup (`jax.distributed` from the environment, one data mesh over
+seed, 4 steps with a checkpoint every 2, few and short evaluation rows, one multiple-choice task
+scored in one setting, few analysis tokens; it still goes through every phase: setup (`jax.distributed` from the environment, one data mesh over
 both processes' devices), data shards (each process reads its own), train, evaluate (documents,
 swap matrix, multiple choice), analyse (LAPE), export, report, and resume.
 
@@ -38,7 +37,7 @@ CI = str(ROOT / "experiments" / "configs" / "ci.py")
 PROCESSES = 2
 OVERRIDES = ["train.variants=('koff','random_mask')", "train.seeds=1", "train.steps=4", "train.save_every=2",
              "mesh.data=4", "eval.documents=2", "eval.paragraphs=4", "eval.resamples=20",
-             "eval.mc_tasks=('continuation',)", "eval.mc_settings=('koff',)",
+             "eval.seq_len=128", "eval.context=32", "eval.mc_tasks=('continuation',)", "eval.mc_settings=('koff',)",
              "analysis.tokens=200", "analysis.permutations=10"]
 STALL_AT = 3  # steps done when the first invocation's processes stop and are killed
 RTOL = 1e-5  # float32 sums whose reduction order differs between one and two processes
@@ -121,7 +120,7 @@ def start(workdir, tmp_path, invocation: str, stall: int = 0) -> list[subprocess
     return out
 
 
-def finish(workers, timeout: float = 300) -> list[str]:
+def finish(workers, timeout: float = 900) -> list[str]:
     try:
         logs = [w.communicate(timeout=timeout)[0] for w in workers]
     finally:
@@ -133,7 +132,7 @@ def finish(workers, timeout: float = 300) -> list[str]:
     return logs
 
 
-def kill_when_stalled(workers, tmp_path, invocation: str, timeout: float = 300) -> list[str]:
+def kill_when_stalled(workers, tmp_path, invocation: str, timeout: float = 900) -> list[str]:
     markers = [tmp_path / f"{invocation}-{i}" for i in range(PROCESSES)]
     deadline = time.monotonic() + timeout
     while not all(m.exists() for m in markers):
