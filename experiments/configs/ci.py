@@ -31,6 +31,8 @@ def get_config():
     c.eval.paragraphs = 8
     c.eval.resamples = 200
     c.eval.batch_size = 4
+    c.eval.seq_len = 256  # short rows: the tiny model's 262k-vocabulary head costs per row position
+    c.eval.context = 64
     c.eval.mc_questions = 2
     c.eval.mc_prompt_tokens = 8
     c.eval.mc_continuation_tokens = 4
