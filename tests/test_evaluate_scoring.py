@@ -31,7 +31,7 @@ def setup():
              "loss_mask": np.ones((b, t), np.float32), "segment_ids": np.ones((b, t), np.int32),
              "positions": np.tile(np.arange(t), (b, 1)), "domain": np.array([0, 1, 2, 0, 1, 2])}
     batch["loss_mask"][0, :5] = 0
-    return decoder, Scorer(trainer), memory, batch
+    return decoder, Scorer.for_trainer(trainer), memory, batch
 
 
 def test_dense_losses_equal_the_decoders_own(setup):

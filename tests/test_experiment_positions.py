@@ -31,7 +31,7 @@ def setup():
     prefix = np.random.default_rng(1).integers(3, 300, (2, M))
     trainer = KoffTrainer(decoder, KoffConfig(num_domains=2, memory_slots=M, lora_rank=0, lora_targets=()))
     state = trainer.init(prefix)  # memory = the model's own keys/values over `prefix`, positions 0..M-1
-    return Scorer(trainer), prefix, state.memory, trainer, state
+    return Scorer.for_trainer(trainer), prefix, state.memory, trainer, state
 
 
 def test_shift_changes_nothing_without_memory(setup):

@@ -14,8 +14,7 @@ from sparsemem.models.config import preset, to_hf_config
 from sparsemem.models.decoder import Decoder
 from sparsemem.models.loss import token_cross_entropy
 from sparsemem.parallel.mesh import make_mesh
-from sparsemem.parallel.rules import axis_rules
-from sparsemem.scale import aot, flops
+from sparsemem.scale import flops
 from sparsemem.train.trainer import KoffTrainer
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -89,11 +88,11 @@ def test_analytic_flops_match_the_traced_steps(change):
     kcfg = KoffConfig(num_domains=4, memory_slots=16, lora_rank=8, loss_chunk=512).replace(**change)
     mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
     trainer = KoffTrainer(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))), kcfg, mesh)
-    with jax.set_mesh(mesh), axis_rules(trainer.rules):
-        batch = aot._abstract_batch(mesh, 8, 64)
-        train = trainer.step_function("train", batch).trace(trainer.abstract_state, trainer.backbone, batch)
-        evaluate = trainer.step_function("eval", batch).trace(
-            trainer.abstract_state, trainer.backbone, batch, jax.ShapeDtypeStruct((), jnp.float32))
+    with trainer.backbone.context():
+        fn, args = trainer.compilable_step("train", 8, 64)
+        train = fn.trace(*args)
+        fn, args = trainer.compilable_step("eval", 8, 64)
+        evaluate = fn.trace(*args)
     assert flops.jaxpr_flops(train.jaxpr) == flops.train_step_flops(cfg, kcfg, 8, 64)
     assert flops.jaxpr_flops(evaluate.jaxpr) == flops.eval_step_flops(cfg, kcfg, 8, 64)
 

@@ -1,13 +1,11 @@
-"""Per-target and per-row token losses of a trainer's frozen backbone under a mask and a memory table."""
+"""Per-target and per-row token losses of a frozen sharded backbone under a mask and a memory table."""
 
 from __future__ import annotations
 
 from typing import Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.experimental import multihost_utils
 
 from sparsemem.evaluation.documents import DocumentBatches, DocumentLosses, accumulate
@@ -15,31 +13,36 @@ from sparsemem.koff import gates as gates_lib
 from sparsemem.koff.memory import hooks_from_rows
 from sparsemem.models.hooks import Hooks
 from sparsemem.models.loss import token_cross_entropy
-from sparsemem.parallel.rules import axis_rules
-from sparsemem.train.trainer import KoffTrainer
+from sparsemem.parallel.sharded_backbone import ShardedBackbone
 
 
 class Scorer:
-    """Scores batches (`sparsemem.data` format) with the backbone of `trainer`.
+    """Scores batches (`sparsemem.data` format) with `backbone` (e.g. a `KoffTrainer`'s).
 
     `masks` are 0/1 gate masks (`head`, `neuron`, ...) or None (dense); `memory` is a
     memory table `{name: [D, ...]}` (possibly a subset of its arrays) or None, and
-    `memory_index [B]` picks each row's memory (default: the row's own domain).
+    `memory_index [B]` picks each row's memory (default: the row's own domain, one of
+    `num_domains`). Losses are computed in chunks of `loss_chunk` tokens.
     """
 
-    def __init__(self, trainer: KoffTrainer):
-        self.trainer = trainer
+    def __init__(self, backbone: ShardedBackbone, *, loss_chunk: int, num_domains: int):
+        self.backbone, self.loss_chunk, self.num_domains = backbone, loss_chunk, num_domains
         self._fn = jax.jit(self._row_losses, static_argnums=(5,))
 
-    def _row_losses(self, backbone, scales, table, index, batch, lora_scale):
-        decoder = nnx.merge(self.trainer.decoder_def, backbone)
+    @classmethod
+    def for_trainer(cls, trainer) -> "Scorer":
+        """A scorer over a `KoffTrainer`'s backbone, loss chunk and memory table size."""
+        return cls(trainer.backbone, loss_chunk=trainer.kcfg.loss_chunk, num_domains=trainer.kcfg.num_domains)
+
+    def _row_losses(self, params, scales, table, index, batch, lora_scale):
+        decoder = self.backbone.decoder(params)
         memory = hooks_from_rows(table, index, lora_scale, decoder.dtype) if table else Hooks()
         head, neuron = scales if scales is not None else (None, None)
         hooks = Hooks(head_scale=head, neuron_scale=neuron, memory_k=memory.memory_k, memory_v=memory.memory_v,
                       lora=memory.lora)
         hidden, _ = decoder(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"],
                             hooks=hooks)
-        ce = token_cross_entropy(decoder, hidden, batch["targets"], chunk_size=self.trainer.kcfg.loss_chunk)
+        ce = token_cross_entropy(decoder, hidden, batch["targets"], chunk_size=self.loss_chunk)
         return ce * batch["loss_mask"]
 
     def token_losses(self, batch: Mapping[str, np.ndarray], masks: Mapping[str, jax.Array] | None = None,
@@ -50,11 +53,11 @@ class Scorer:
         Every process passes the same whole `batch` (evaluation data is not sharded by process)
         and gets all of it back: each places its own block of rows, the result is gathered.
         """
-        placed = self.trainer.place_batch(_process_rows(batch))
+        placed = self.backbone.place_batch(_process_rows(batch), self.num_domains)
         index = placed["domain"] if memory_index is None else np.asarray(memory_index, np.int32)
         scales = gates_lib.scales(dict(masks)) if masks is not None else None
-        with jax.set_mesh(self.trainer.mesh), axis_rules(self.trainer.rules):
-            out = self._fn(self.trainer.backbone, scales, dict(memory) if memory else {}, index, placed,
+        with self.backbone.context():
+            out = self._fn(self.backbone.params, scales, dict(memory) if memory else {}, index, placed,
                            float(lora_scale))
         return np.asarray(multihost_utils.process_allgather(out, tiled=True), np.float64)
 

@@ -169,7 +169,7 @@ def _run_phases(run: RunDir, config, mesh, decoder, tokenizer, corpus: setup.Cor
         lora_scales[variant] = kcfg.lora_scale
         gates = jax.device_get(state.gates)
         gap = None if trainer.fixed_mask is not None else mask_gap(  # no gates to sample under a fixed mask
-            Scorer(trainer), gates, masks[variant], state.memory or None, lora_scales[variant], probe,
+            Scorer.for_trainer(trainer), gates, masks[variant], state.memory or None, lora_scales[variant], probe,
             seed=config.data.seed)
         save_controller(run, variant, gates, gap)
         trainers[variant] = trainer
@@ -218,8 +218,8 @@ def _evaluate(config, trainer, corpus, tokenizer, masks, tables, lora_scales) ->
                 aligned_ids, source=0, separator=separator, pages=page_ids, **sizes)
         elif "translation" in e.mc_tasks:
             log.warning("skipping translation questions: corpus %s is not aligned across domains", config.data.corpus)
-    return suite.evaluate(Scorer(trainer), settings_lib.resolve(config.train.variants), domains=corpus.names,
-                          documents=documents, paragraphs=paragraphs, masks=masks, tables=tables,
+    return suite.evaluate(Scorer.for_trainer(trainer), settings_lib.resolve(config.train.variants),
+                          domains=corpus.names, documents=documents, paragraphs=paragraphs, masks=masks, tables=tables,
                           lora_scales=lora_scales, questions=questions, mc_settings=e.mc_settings,
                           batch_size=e.batch_size, pad_id=tokenizer.pad_id, first_position=slots)
 

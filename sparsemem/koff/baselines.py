@@ -25,13 +25,11 @@ from typing import Iterable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from sparsemem.koff import sparsity
 from sparsemem.models.config import ModelConfig
 from sparsemem.models.hooks import Hooks
 from sparsemem.models.loss import token_cross_entropy
-from sparsemem.parallel.rules import axis_rules
 
 SOURCES = ("gates", "dense", "random", "score")  # where a variant's mask comes from
 
@@ -75,10 +73,10 @@ def taylor_scores(trainer, batches: Iterable[Mapping[str, np.ndarray]]) -> dict[
 
     `trainer` is a `KoffTrainer` (its frozen backbone, mesh and loss chunk are used).
     """
-    cfg = trainer.cfg
+    cfg, backbone = trainer.cfg, trainer.backbone
 
-    def loss(scales, backbone, batch):
-        decoder = nnx.merge(trainer.decoder_def, backbone)
+    def loss(scales, params, batch):
+        decoder = backbone.decoder(params)
         hidden, _ = decoder(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"],
                             hooks=Hooks(head_scale=scales["head"], neuron_scale=scales["neuron"]))
         ce = token_cross_entropy(decoder, hidden, batch["targets"], chunk_size=trainer.kcfg.loss_chunk)
@@ -89,8 +87,8 @@ def taylor_scores(trainer, batches: Iterable[Mapping[str, np.ndarray]]) -> dict[
     total, count = {name: np.zeros(m.shape) for name, m in ones.items()}, 0
     for batch in batches:
         placed = trainer.place_batch(batch)
-        with jax.set_mesh(trainer.mesh), axis_rules(trainer.rules):
-            g = jax.device_get(grad(ones, trainer.backbone, placed))
+        with backbone.context():
+            g = jax.device_get(grad(ones, backbone.params, placed))
         for name in total:
             total[name] += np.abs(np.asarray(g[name], np.float64))
         count += 1

@@ -1,9 +1,9 @@
 """Ahead-of-time compilation of the KOFF train and eval steps for a TPU topology, without weights.
 
 The decoder is built abstractly (`nnx.eval_shape`), the trainer on a mesh of the
-topology's compile-only devices; its jitted steps (the very functions a run
-executes, same shardings and donation) are lowered on `ShapeDtypeStruct`s and
-compiled by libtpu. Memory comes from the compiled executable, FLOPs from the traced
+topology's compile-only devices; `KoffTrainer.compilable_step` gives each jitted step
+(the very function a run executes, same shardings and donation) with its abstract
+arguments, which are lowered and compiled by libtpu. Memory comes from the compiled executable, FLOPs from the traced
 program (see `flops`), both against the chip's HBM and peak throughput.
 """
 
@@ -15,16 +15,14 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from sparsemem.koff.config import KoffConfig
 from sparsemem.models.config import ModelConfig
 from sparsemem.models.decoder import Decoder
 from sparsemem.parallel.mesh import make_mesh
-from sparsemem.parallel.rules import axis_rules, named_sharding
 from sparsemem.scale import flops as flops_lib
 from sparsemem.scale.topology import Topology
-from sparsemem.train.trainer import BATCH_KEYS, KoffTrainer
+from sparsemem.train.trainer import KoffTrainer
 
 GiB = 2**30
 
@@ -73,16 +71,6 @@ class CompileReport:
         return all(step.peak_bytes <= self.topology.hbm_bytes for step in self.steps)
 
 
-def _abstract_batch(mesh, rows: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
-    out = {}
-    for key in BATCH_KEYS + ("domain",):
-        shape = (rows,) if key == "domain" else (rows, seq_len)
-        dtype = jnp.float32 if key == "loss_mask" else jnp.int32
-        out[key] = jax.ShapeDtypeStruct(shape, dtype, sharding=named_sharding(mesh, ("batch",) + (None,) * (
-            len(shape) - 1), shape))
-    return out
-
-
 def _largest(tree, count: int) -> tuple[ArrayPlacement, ...]:
     placements = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -93,7 +81,8 @@ def _largest(tree, count: int) -> tuple[ArrayPlacement, ...]:
     return tuple(sorted(placements, key=lambda p: -p.chip_bytes)[:count])
 
 
-def _step_cost(name: str, jitted, args, rows: int, analytic: int, model: int) -> StepCost:
+def _step_cost(trainer: KoffTrainer, name: str, rows: int, seq_len: int, analytic: int, model: int) -> StepCost:
+    jitted, args = trainer.compilable_step(name, rows, seq_len)
     traced = jitted.trace(*args)
     compiled = traced.lower().compile()
     memory = compiled.memory_analysis()
@@ -117,23 +106,13 @@ def compile_koff(cfg: ModelConfig, kcfg: KoffConfig, topology: Topology, mesh_sh
                          f"physical axis sizes, assigned in order; reorder or resize the axes ({error})") from None
     decoder = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), param_dtype=jnp.dtype(param_dtype)))
     trainer = KoffTrainer(decoder, kcfg, mesh)
-    rep = NamedSharding(mesh, PartitionSpec())
-    with jax.set_mesh(mesh), axis_rules(trainer.rules):
-        train_batch = _abstract_batch(mesh, batch, seq_len)
-        eval_batch_ = _abstract_batch(mesh, eval_batch, seq_len)
-        train = _step_cost(
-            "train", trainer.step_function("train", train_batch),
-            (trainer.abstract_state, trainer.backbone, train_batch), batch,
-            flops_lib.train_step_flops(cfg, kcfg, batch, seq_len),
-            flops_lib.train_step_flops(cfg, kcfg, batch, seq_len, recompute=False))
+    with trainer.backbone.context():
+        train = _step_cost(trainer, "train", batch, seq_len, flops_lib.train_step_flops(cfg, kcfg, batch, seq_len),
+                           flops_lib.train_step_flops(cfg, kcfg, batch, seq_len, recompute=False))
         eval_flops = flops_lib.eval_step_flops(cfg, kcfg, eval_batch, seq_len)
-        evaluate = _step_cost(
-            "eval", trainer.step_function("eval", eval_batch_),
-            (trainer.abstract_state, trainer.backbone, eval_batch_, jax.ShapeDtypeStruct((), jnp.float32,
-                                                                                      sharding=rep)),
-            eval_batch, eval_flops, eval_flops)
+        evaluate = _step_cost(trainer, "eval", eval_batch, seq_len, eval_flops, eval_flops)
     return CompileReport(topology, dict(mesh.shape), cfg, kcfg, seq_len, param_dtype, (train, evaluate),
-                         _largest({"state": trainer.abstract_state, "backbone": trainer.backbone}, largest))
+                         _largest({"state": trainer.abstract_state, "backbone": trainer.backbone.params}, largest))
 
 
 def _gib(n: float) -> str:

@@ -17,7 +17,8 @@ After `kcfg.gate_steps` the step is the *memory step*: the deterministic mask at
 target replaces the gate sample, and gates and multipliers stay fixed. A trainer given a
 `fixed_mask` takes only memory steps, under that mask (baselines whose mask comes from
 elsewhere: another variant's, a random or a score-based one, or all ones).
-The backbone is an argument of the step, never donated, never differentiated.
+The backbone (`parallel.sharded_backbone.ShardedBackbone`: weights, mesh, rules, batch
+placement) is an argument of the step, never donated, never differentiated.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from sparsemem.koff import gates as gates_lib
 from sparsemem.koff import controller, rowsparse, sparsity
@@ -40,11 +41,9 @@ from sparsemem.koff.module import Koff, split
 from sparsemem.models.decoder import Decoder
 from sparsemem.models.hooks import Hooks
 from sparsemem.models.loss import token_cross_entropy, token_kl
-from sparsemem.parallel.mesh import make_mesh, state_shardings
-from sparsemem.parallel.rules import axis_rules, current_rules, named_sharding
+from sparsemem.parallel.mesh import state_shardings
+from sparsemem.parallel.sharded_backbone import TOKEN_KEYS, ShardedBackbone
 from sparsemem.train.state import TrainState
-
-BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
 def after_memory(batch: dict[str, jax.Array], slots: int) -> dict[str, jax.Array]:
@@ -82,35 +81,26 @@ def checked_mask(cfg, mask: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 class KoffTrainer:
-    """Owns the frozen backbone on the mesh and the jitted KOFF steps."""
+    """The jitted KOFF steps over a frozen `ShardedBackbone` (`self.backbone`) and a `TrainState`.
+
+    An abstract decoder (`nnx.eval_shape`) gives a compile-only trainer (`compilable_step`).
+    """
 
     def __init__(self, decoder: Decoder, kcfg: KoffConfig, mesh: Mesh | None = None, rules=None,
                  fixed_mask: Mapping[str, np.ndarray] | None = None):
         self.cfg = decoder.cfg
         self.kcfg = kcfg
-        self.mesh = mesh if mesh is not None else make_mesh({"data": 1}, devices=jax.devices()[:1])
-        self.rules = current_rules() if rules is None else tuple(rules)
-        graphdef, backbone = nnx.split(decoder)
-        compute = nnx.merge(graphdef, backbone)  # a view with this run's dtype/remat; `decoder` is unchanged
-        compute.dtype = jnp.dtype(kcfg.compute_dtype)
-        compute.remat = kcfg.remat
-        self.decoder_def, backbone = nnx.split(compute)
-        with axis_rules(self.rules):
-            self.backbone_shardings = state_shardings(backbone, self.mesh)
+        self.backbone = ShardedBackbone(decoder, mesh, rules, dtype=kcfg.compute_dtype, remat=kcfg.remat)
+        with self.backbone.context():
             koff_abstract = nnx.eval_shape(lambda: Koff(self.cfg, kcfg, rngs=nnx.Rngs(0)))
             _, groups = split(koff_abstract)
-            memory_sh = _child(state_shardings(groups["memory"], self.mesh))
-        # An abstract decoder (`nnx.eval_shape`) gives a compile-only trainer: the backbone stays abstract.
-        abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(backbone))
-        self.backbone = (jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), backbone,
-                                      self.backbone_shardings) if abstract
-                         else jax.device_put(backbone, self.backbone_shardings))
+            memory_sh = _child(state_shardings(groups["memory"], self.backbone.mesh))
         adam = controller.array_adam if kcfg.controller == "projection" else optax.adam
         self.gate_tx = adam(kcfg.gate_lr, b1=kcfg.adam_b1, b2=kcfg.adam_b2, eps=kcfg.adam_eps)
         self.lambda_tx = optax.sgd(kcfg.lambda_lr)  # fed negated gradients: ascent
         self.start_sparsity = controller.initial_sparsity(self.cfg, kcfg)  # where the target ramp starts
 
-        rep = NamedSharding(self.mesh, PartitionSpec())
+        rep = self.backbone.replicated
         abstract = jax.eval_shape(self._fresh_state)
         self.state_shardings = jax.tree.map(lambda _: rep, abstract).replace(
             memory=memory_sh, memory_opt=rowsparse.RowAdamState(memory_sh, memory_sh, rep))
@@ -119,7 +109,7 @@ class KoffTrainer:
         self._init = jax.jit(self._fresh_state, out_shardings=self.state_shardings)
         self._compiled: dict[str, Any] = {}
         self.fixed_mask = None if fixed_mask is None else jax.device_put(
-            checked_mask(self.cfg, fixed_mask), NamedSharding(self.mesh, PartitionSpec()))
+            checked_mask(self.cfg, fixed_mask), rep)
 
     # -- state ------------------------------------------------------------
     def _fresh_state(self) -> TrainState:
@@ -149,8 +139,8 @@ class KoffTrainer:
         if tokens.shape != (num_domains, M):
             raise ValueError(f"domain_tokens has shape {tokens.shape}, expected ({num_domains}, {M}) "
                              "(one row of memory_slots tokens per domain)")
-        with jax.set_mesh(self.mesh), axis_rules(self.rules):
-            return prefill_kv(nnx.merge(self.decoder_def, self.backbone), jnp.asarray(tokens, jnp.int32))
+        with self.backbone.context():
+            return prefill_kv(self.backbone.decoder(self.backbone.params), jnp.asarray(tokens, jnp.int32))
 
     def grow(self, old: TrainState, domain_tokens: np.ndarray | None = None) -> TrainState:
         """This trainer's (larger) table holding `old`'s rows unchanged, new rows freshly initialised.
@@ -174,38 +164,12 @@ class KoffTrainer:
 
     # -- batches ------------------------------------------------------------
     def place_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-        """Check this process's host batch and put it on the mesh, sharded along `batch`.
-
-        With several processes (multi-host), each passes its own rows (its data shard)
-        and the global batch is their concatenation in process order.
-        """
-        missing = [k for k in BATCH_KEYS + ("domain",) if k not in batch]
-        if missing:
-            raise ValueError(f"batch lacks {missing}; a batch has {BATCH_KEYS} [B, T] and domain [B]")
-        b, t = np.shape(batch["inputs"])
-        for key in BATCH_KEYS:
-            if np.shape(batch[key]) != (b, t):
-                raise ValueError(f"batch[{key!r}] has shape {np.shape(batch[key])}, expected {(b, t)}")
-        domain = np.asarray(batch["domain"])
-        if domain.shape != (b,):
-            raise ValueError(f"batch['domain'] has shape {domain.shape}, expected ({b},)")
-        if domain.min() < 0 or domain.max() >= self.kcfg.num_domains:
-            raise ValueError(f"unknown domain id {int(domain.max() if domain.max() >= 0 else domain.min())}: "
-                             f"the memory table has {self.kcfg.num_domains} domains (0..{self.kcfg.num_domains - 1})")
-        if b % self.kcfg.accum_steps:
-            raise ValueError(f"batch size {b} is not a multiple of accum_steps={self.kcfg.accum_steps}")
-        out = {}
-        processes = jax.process_count()  # each process passes its own rows; the global batch stacks them
-        with axis_rules(self.rules):
-            for key in BATCH_KEYS + ("domain",):
-                value = np.asarray(batch[key], np.int32 if key != "loss_mask" else np.float32)
-                shape = (b * processes,) + value.shape[1:]
-                sharding = named_sharding(self.mesh, ("batch",) + (None,) * (value.ndim - 1), shape)
-                if processes > 1 and sharding.spec[0] is None:
-                    raise ValueError(f"global batch {shape[0]} ({processes} processes x {b}) is not divisible by "
-                                     f"the mesh's batch axes {dict(self.mesh.shape)}; change batch_size or the mesh")
-                out[key] = jax.make_array_from_process_local_data(sharding, value, shape)
-        return out
+        """`ShardedBackbone.place_batch` for this trainer's table, refusing batches `accum_steps` cannot split."""
+        placed = self.backbone.place_batch(batch, self.kcfg.num_domains)
+        if np.shape(batch["inputs"])[0] % self.kcfg.accum_steps:
+            raise ValueError(f"batch size {np.shape(batch['inputs'])[0]} is not a multiple of "
+                             f"accum_steps={self.kcfg.accum_steps}")
+        return placed
 
     # -- forward pieces -------------------------------------------------------
     def _loss_sums(self, decoder, scales, rows, inv, mb, with_kl: bool):
@@ -231,7 +195,7 @@ class KoffTrainer:
         """`[A, B/A, ...]` micro-batches; example i goes to micro-batch i % A so data sharding is kept."""
         a = self.kcfg.accum_steps
         split_ = lambda x: jnp.swapaxes(x.reshape((x.shape[0] // a, a) + x.shape[1:]), 0, 1)  # noqa: E731
-        return jax.tree.map(split_, {k: batch[k] for k in BATCH_KEYS}), split_(inv), split_(batch["domain"])
+        return jax.tree.map(split_, {k: batch[k] for k in TOKEN_KEYS}), split_(inv), split_(batch["domain"])
 
     # -- train step -----------------------------------------------------------
     def _final_masks(self, log_alphas, target=None):
@@ -251,7 +215,7 @@ class KoffTrainer:
 
     def _train_step(self, state: TrainState, backbone, batch, *, train_gates: bool = True):
         kcfg, D = self.kcfg, self.kcfg.num_domains
-        decoder = nnx.merge(self.decoder_def, backbone)
+        decoder = self.backbone.decoder(backbone)
         batch = after_memory(batch, kcfg.memory_slots)
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         slots, inv = distinct_rows(batch["domain"], D)
@@ -348,14 +312,14 @@ class KoffTrainer:
         `state` is donated (do not reuse it). Metrics are replicated arrays.
         """
         batch = self.place_batch(batch)
-        fn = self.step_function(self.step_kind(int(state.step)), batch)
-        with jax.set_mesh(self.mesh), axis_rules(self.rules):
-            return fn(state, self.backbone, batch)
+        kind = self.step_kind(int(state.step))
+        with self.backbone.context():
+            return self.step_function(kind, batch)(*self._step_args(kind, state, self.backbone.params, batch))
 
     # -- eval step ------------------------------------------------------------
     def _eval_step(self, state: TrainState, backbone, batch, target):
         D = self.kcfg.num_domains
-        decoder = nnx.merge(self.decoder_def, backbone)
+        decoder = self.backbone.decoder(backbone)
         batch = after_memory(batch, self.kcfg.memory_slots)
         masks = self._final_masks(state.gates, target)
         scales = gates_lib.scales(masks)
@@ -379,10 +343,10 @@ class KoffTrainer:
         A trainer with a `fixed_mask` evaluates under that mask; `target` is then unused.
         """
         batch = self.place_batch(batch)
-        fn = self.step_function("eval", batch)
-        target = self.kcfg.target_sparsity if target is None else target
-        with jax.set_mesh(self.mesh), axis_rules(self.rules):
-            return fn(state, self.backbone, batch, jnp.float32(target))
+        target = jnp.float32(self.kcfg.target_sparsity if target is None else target)
+        with self.backbone.context():
+            return self.step_function("eval", batch)(*self._step_args("eval", state, self.backbone.params, batch,
+                                                                      target))
 
     def evaluate(self, state: TrainState, batches, target: float | None = None) -> dict[str, np.ndarray]:
         """Per-domain mean loss and perplexity with and without memory over `batches` (NaN for unseen domains)."""
@@ -400,6 +364,14 @@ class KoffTrainer:
                 "ppl_no_memory": np.exp(loss), "tokens": totals["tokens"]}
 
     # -- compilation ------------------------------------------------------------
+    @staticmethod
+    def _step_args(kind: str, state, backbone, batch, target=None) -> tuple:
+        """Step `kind`'s arguments in its order: state, backbone params, batch, and for `"eval"` the target.
+
+        The one place the order is written: calls, in/out shardings and `compilable_step` all use it.
+        """
+        return (state, backbone, batch) + ((target,) if kind == "eval" else ())
+
     def step_function(self, kind: str, batch: dict[str, jax.Array]):
         """The jitted `"train"` (gate), `"memory"` (frozen mask) or `"eval"` step for batches shaped like `batch`.
 
@@ -410,14 +382,26 @@ class KoffTrainer:
                "eval": self._eval_step}
         if kind not in fns:
             raise ValueError(f"unknown step kind {kind!r}; choose from {sorted(fns)}")
-        fn = fns[kind]
-        batch_sh = {k: v.sharding for k, v in batch.items()}
         key = (kind, tuple((k, v.shape, v.sharding) for k, v in sorted(batch.items())))
         if key not in self._compiled:
-            rep = NamedSharding(self.mesh, PartitionSpec())
+            rep = self.backbone.replicated
             train = kind != "eval"
+            batch_sh = {k: v.sharding for k, v in batch.items()}
             self._compiled[key] = jax.jit(
-                fn, in_shardings=(self.state_shardings, self.backbone_shardings, batch_sh) + (() if train else (rep,)),
+                fns[kind], in_shardings=self._step_args(kind, self.state_shardings, self.backbone.shardings,
+                                                        batch_sh, rep),
                 out_shardings=(self.state_shardings, rep) if train else rep,
                 donate_argnums=(0,) if train else ())
         return self._compiled[key]
+
+    def compilable_step(self, kind: str, rows: int, seq_len: int) -> tuple[Any, tuple]:
+        """`(jitted step, its abstract arguments)` for global batches of `rows` x `seq_len` tokens.
+
+        What `sparsemem compile` lowers (under `self.backbone.context()`): the function a
+        run executes, with the state, backbone and batch shapes, dtypes and shardings a
+        run passes it.
+        """
+        batch = self.backbone.abstract_batch(rows, seq_len)
+        target = jax.ShapeDtypeStruct((), jnp.float32, sharding=self.backbone.replicated)
+        return (self.step_function(kind, batch),
+                self._step_args(kind, self.abstract_state, self.backbone.params, batch, target))
