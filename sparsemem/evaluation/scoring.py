@@ -13,7 +13,7 @@ from sparsemem.koff import gates as gates_lib
 from sparsemem.koff.memory import hooks_from_rows
 from sparsemem.models.hooks import Hooks
 from sparsemem.models.loss import token_cross_entropy
-from sparsemem.parallel.sharded_backbone import ShardedBackbone
+from sparsemem.train.sharded_backbone import ShardedBackbone
 
 
 class Scorer:

@@ -17,7 +17,7 @@ After `kcfg.gate_steps` the step is the *memory step*: the deterministic mask at
 target replaces the gate sample, and gates and multipliers stay fixed. A trainer given a
 `fixed_mask` takes only memory steps, under that mask (baselines whose mask comes from
 elsewhere: another variant's, a random or a score-based one, or all ones).
-The backbone (`parallel.sharded_backbone.ShardedBackbone`: weights, mesh, rules, batch
+The backbone (`train.sharded_backbone.ShardedBackbone`: weights, mesh, rules, batch
 placement) is an argument of the step, never donated, never differentiated.
 """
 
@@ -42,7 +42,7 @@ from sparsemem.models.decoder import Decoder
 from sparsemem.models.hooks import Hooks
 from sparsemem.models.loss import token_cross_entropy, token_kl
 from sparsemem.parallel.mesh import state_shardings
-from sparsemem.parallel.sharded_backbone import TOKEN_KEYS, ShardedBackbone
+from sparsemem.train.sharded_backbone import TOKEN_KEYS, ShardedBackbone
 from sparsemem.train.state import TrainState
 
 
