@@ -93,6 +93,29 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
+def layer_shapes(cfg: ModelConfig, heads: int | None = None, kv_heads: int | None = None,
+                 neurons: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Shape of each weight of one transformer block (no layer axis), by the decoder's weight names.
+
+    `heads`, `kv_heads`, `neurons` give a compacted block's kept widths (default: all units).
+    Only the weights this architecture has are listed (post norms, q/k/v bias, q/k norm).
+    """
+    d, dh = cfg.d_model, cfg.head_dim
+    h = cfg.num_heads if heads is None else heads
+    kv = cfg.num_kv_heads if kv_heads is None else kv_heads
+    f = cfg.d_ff if neurons is None else neurons
+    shapes = {"attn_norm": (d,), "mlp_norm": (d,)}
+    if cfg.post_norms:
+        shapes.update(attn_post_norm=(d,), mlp_post_norm=(d,))
+    shapes.update(wq=(d, h, dh), wk=(d, kv, dh), wv=(d, kv, dh), wo=(h, dh, d))
+    if cfg.qkv_bias:
+        shapes.update(bq=(h, dh), bk=(kv, dh), bv=(kv, dh))
+    if cfg.qk_norm:
+        shapes.update(q_norm=(dh,), k_norm=(dh,))
+    shapes.update(w_gate=(d, f), w_up=(d, f), w_down=(f, d))
+    return shapes
+
+
 def _gemma_layer_types(num_layers: int, pattern: int = 6) -> tuple[LayerType, ...]:
     """Every `pattern`-th layer is global, the rest use the sliding window."""
     return tuple("global" if (i + 1) % pattern == 0 else "local" for i in range(num_layers))

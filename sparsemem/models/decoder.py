@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from sparsemem.models import forward, layers
-from sparsemem.models.config import ModelConfig
+from sparsemem.models.config import ModelConfig, layer_shapes
 from sparsemem.models.hooks import Hooks
 
 Remat = Literal["none", "full", "dots"]
@@ -75,31 +75,10 @@ class DecoderLayers(nnx.Module):
     """All transformer blocks, weights stacked on a leading layer axis (logical axes: `LAYER_AXES`)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
-        L, d, f, h, hkv, dh = cfg.num_layers, cfg.d_model, cfg.d_ff, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         norm_init = "zeros" if cfg.norm_offset else "ones"
-
-        def p(name, shape, init="normal"):
-            return _param(rngs, shape, LAYER_AXES[name], param_dtype, init)
-
-        self.attn_norm = p("attn_norm", (L, d), init=norm_init)
-        self.mlp_norm = p("mlp_norm", (L, d), init=norm_init)
-        if cfg.post_norms:
-            self.attn_post_norm = p("attn_post_norm", (L, d), init=norm_init)
-            self.mlp_post_norm = p("mlp_post_norm", (L, d), init=norm_init)
-        self.wq = p("wq", (L, d, h, dh))
-        self.wk = p("wk", (L, d, hkv, dh))
-        self.wv = p("wv", (L, d, hkv, dh))
-        self.wo = p("wo", (L, h, dh, d))
-        if cfg.qkv_bias:
-            self.bq = p("bq", (L, h, dh), init="zeros")
-            self.bk = p("bk", (L, hkv, dh), init="zeros")
-            self.bv = p("bv", (L, hkv, dh), init="zeros")
-        if cfg.qk_norm:
-            self.q_norm = p("q_norm", (L, dh), init=norm_init)
-            self.k_norm = p("k_norm", (L, dh), init=norm_init)
-        self.w_gate = p("w_gate", (L, d, f))
-        self.w_up = p("w_up", (L, d, f))
-        self.w_down = p("w_down", (L, f, d))
+        for name, shape in layer_shapes(cfg).items():  # projections draw their keys in this order
+            init = norm_init if "norm" in name else "zeros" if name in ("bq", "bk", "bv") else "normal"
+            setattr(self, name, _param(rngs, (cfg.num_layers,) + shape, LAYER_AXES[name], param_dtype, init))
 
     def weights(self) -> dict[str, jax.Array]:
         """The stacked weight arrays by name (what the layer scan consumes)."""

@@ -23,24 +23,26 @@ decoder can scan over layers.
 
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import jax
 from flax import struct
 
-from sparsemem.models.config import ModelConfig
+from sparsemem.models.config import ModelConfig, layer_shapes
 
-PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+# The layer weight each projection's LoRA delta adds to (`models.config.layer_shapes` names).
+PROJECTION_WEIGHTS = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w_gate", "up": "w_up", "down": "w_down"}
+PROJECTIONS = tuple(PROJECTION_WEIGHTS)
 
 
 def projection_shape(cfg: ModelConfig, name: str) -> tuple[int, int]:
-    """Flat (in, out) feature sizes of projection `name` for LoRA deltas."""
-    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    shapes = {"q": (cfg.d_model, q), "k": (cfg.d_model, kv), "v": (cfg.d_model, kv), "o": (q, cfg.d_model),
-              "gate": (cfg.d_model, cfg.d_ff), "up": (cfg.d_model, cfg.d_ff), "down": (cfg.d_ff, cfg.d_model)}
-    if name not in shapes:
+    """Flat (in, out) feature sizes of projection `name` for LoRA deltas (`o` reads heads x head_dim)."""
+    if name not in PROJECTION_WEIGHTS:
         raise ValueError(f"Unknown projection {name!r}; choose from {PROJECTIONS}")
-    return shapes[name]
+    shape = layer_shapes(cfg)[PROJECTION_WEIGHTS[name]]
+    in_dims = 2 if name == "o" else 1
+    return math.prod(shape[:in_dims]), math.prod(shape[in_dims:])
 
 
 @struct.dataclass

@@ -19,7 +19,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from sparsemem.checkpoints.hf import SafetensorsFolder, TensorMap, atomic_write, tensor_maps
-from sparsemem.models.config import ModelConfig, from_hf_config, to_hf_config
+from sparsemem.models.config import from_hf_config, layer_shapes, to_hf_config
 from sparsemem.serve.compact import CompactLayout, build_compact
 from sparsemem.serve.compact_model import CompactDecoder
 
@@ -36,19 +36,6 @@ class Backbone:
     mask_fingerprint: str
     merged_domain: str | None
     path: pathlib.Path | None = None
-
-
-def _layer_shapes(cfg: ModelConfig, heads: int, kv: int, neurons: int) -> dict[str, tuple[int, ...]]:
-    d, dh = cfg.d_model, cfg.head_dim
-    shapes = {"attn_norm": (d,), "mlp_norm": (d,), "wq": (d, heads, dh), "wk": (d, kv, dh), "wv": (d, kv, dh),
-              "wo": (heads, dh, d), "w_gate": (d, neurons), "w_up": (d, neurons), "w_down": (neurons, d)}
-    if cfg.post_norms:
-        shapes.update(attn_post_norm=(d,), mlp_post_norm=(d,))
-    if cfg.qkv_bias:
-        shapes.update(bq=(heads, dh), bk=(kv, dh), bv=(kv, dh))
-    if cfg.qk_norm:
-        shapes.update(q_norm=(dh,), k_norm=(dh,))
-    return shapes
 
 
 def _hf_shape(tmap: TensorMap, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -75,7 +62,7 @@ def save_backbone(backbone: Backbone, path: str | os.PathLike, tokenizer_file: s
     if not cfg.tie_embeddings:
         tensors[maps["unembed"].hf_name] = np.asarray(model.unembed[...])
     for i, blk in enumerate(model.blocks):
-        for name in _layer_shapes(cfg, 0, 0, 0):
+        for name in layer_shapes(cfg):
             tmap = maps[f"layers.{name}"]
             tensors[tmap.hf_name.format(layer=i)] = _to_hf(tmap, np.asarray(getattr(blk, name)[...]))
     hf = to_hf_config(cfg)
@@ -118,7 +105,7 @@ def load_backbone(path: str | os.PathLike) -> Backbone:
     d, v = cfg.d_model, cfg.vocab_size
     layers = []
     for i, width in enumerate(layout.widths()):
-        shapes = _layer_shapes(cfg, width["heads"], width["kv_heads"], width["neurons"])
+        shapes = layer_shapes(cfg, width["heads"], width["kv_heads"], width["neurons"])
         layers.append({name: read(f"layers.{name}", shape, i) for name, shape in shapes.items()})
     unembed = None if cfg.tie_embeddings else read("unembed", (v, d))
     model = build_compact(cfg, layout, layers, read("embed", (v, d)), read("final_norm", (d,)), unembed)
