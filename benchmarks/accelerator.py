@@ -90,7 +90,7 @@ def serve_step(cfg, dtype, batch: int, prompt: int, phase: str):
 
     from serve import DOMAINS, Runner, random_table
     from sparsemem.models.decoder import Decoder
-    from sparsemem.serve.compact import CompactLayout, compact_decoder
+    from sparsemem.serve.compaction import CompactLayout, compact_decoder
     from sparsemem.serve.memory import MemoryBank
 
     layout = CompactLayout.full(cfg)

@@ -31,7 +31,7 @@ from sparsemem.checkpoints.gguf import demo_model_dir
 from sparsemem.checkpoints.hf import load_hf_checkpoint
 from sparsemem.koff import sparsity
 from sparsemem.models.hooks import projection_shape
-from sparsemem.serve.compact import CompactLayout, compact_decoder, prunable_params, round_masks
+from sparsemem.serve.compaction import CompactLayout, compact_decoder, prunable_params, round_masks
 from sparsemem.serve.generate import SamplingConfig, _step
 from sparsemem.serve.memory import MemoryBank
 

@@ -36,7 +36,7 @@ from serve import DOMAINS, random_table  # benchmarks/serve.py: the same random 
 from sparsemem.checkpoints.gguf import demo_model_dir
 from sparsemem.checkpoints.hf import load_hf_checkpoint
 from sparsemem.koff import sparsity
-from sparsemem.serve.export import export
+from sparsemem.serve.export_folder import export
 from sparsemem.serve.server import wait_until_healthy
 
 PROMPTS = ["The capital of Germany is", "Die Hauptstadt von Frankreich ist", "La ville de Lyon est",

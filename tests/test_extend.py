@@ -108,10 +108,10 @@ def test_rerun_resumes_and_clashing_names_are_refused(extended, capsys):
 
 
 def test_modules_for_another_mask_are_refused(extended):
-    from sparsemem.experiment.export import load_mask
+    from sparsemem.experiment.variant_files import load_mask
     from sparsemem.experiment.rundir import RunDir
     from sparsemem.experiment.setup import load_model
-    from sparsemem.serve.export import add_modules
+    from sparsemem.serve.export_folder import add_modules
 
     run, _, _ = extended
     config = RunDir(run).config()

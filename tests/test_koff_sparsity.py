@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from sparsemem.koff import sparsity
-from sparsemem.koff.compact import compact, prunable_size
+from sparsemem.koff.weight_slicing import compact, prunable_size
 from sparsemem.models.config import preset
 from sparsemem.models.decoder import Decoder
 

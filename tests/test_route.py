@@ -14,7 +14,7 @@ from sparsemem.models.loss import token_cross_entropy
 from sparsemem.experiment.route import evaluate_routing, tables
 from sparsemem.serve import routing
 from sparsemem.serve.deploy import Deployment, centroid_router
-from sparsemem.serve.export import export
+from sparsemem.serve.export_folder import export
 from sparsemem.serve.generate import SamplingConfig
 from test_serve_compact import DOMAINS, SLOTS, hard_masks, random_decoder, random_table, tiny
 

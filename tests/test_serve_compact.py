@@ -12,7 +12,7 @@ from sparsemem.models.config import preset
 from sparsemem.models.decoder import Decoder
 from sparsemem.models.hooks import PROJECTIONS, Hooks, projection_shape
 from sparsemem.models.layers import segment_positions
-from sparsemem.serve.compact import CompactLayout, compact_decoder, prunable_params, round_masks
+from sparsemem.serve.compaction import CompactLayout, compact_decoder, prunable_params, round_masks
 from sparsemem.serve.memory import MemoryBank
 
 SHAPE = dict(num_layers=3, d_model=64, d_ff=96, num_heads=4, num_kv_heads=2, head_dim=16, vocab_size=160)

@@ -14,7 +14,7 @@ from sparsemem.checkpoints.run_state import RunCheckpointer
 from sparsemem.koff.memory import hooks_from_rows
 from sparsemem.models.hooks import Hooks
 from sparsemem.serve.deploy import Deployment
-from sparsemem.serve.export import export
+from sparsemem.serve.export_folder import export
 from sparsemem.serve.generate import SamplingConfig, generate_ids
 from sparsemem.serve.memory import UnknownDomainError
 from test_serve_compact import DOMAINS, hard_masks, random_decoder, random_table, tiny

@@ -6,7 +6,7 @@ import pytest
 
 from sparsemem.koff.memory import hooks_from_rows, prefill_kv
 from sparsemem.models.hooks import Hooks
-from sparsemem.serve.compact import CompactLayout, compact_decoder
+from sparsemem.serve.compaction import CompactLayout, compact_decoder
 from sparsemem.serve.generate import SamplingConfig, generate_ids
 from sparsemem.serve.memory import MemoryBank, UnknownDomainError
 from test_serve_compact import DOMAINS, hard_masks, random_decoder, random_table, tiny

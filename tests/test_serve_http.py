@@ -13,7 +13,7 @@ import time
 import aiohttp
 import pytest
 
-from sparsemem.serve.export import export_run
+from sparsemem.experiment.run_export import export_run
 from sparsemem.serve.generate import SamplingConfig, generate_ids
 from sparsemem.serve.scheduler import Scheduler, ServedModel
 from sparsemem.serve.server import BackgroundServer, create_app, wait_until_healthy

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparsemem.checkpoints.run_state import RunCheckpointer
+from sparsemem.checkpoints.run_state import CheckpointLayoutError, RunCheckpointer
 from sparsemem.koff.config import KoffConfig
 from sparsemem.models.config import preset
 from sparsemem.models.decoder import Decoder
@@ -222,6 +222,18 @@ def test_restore_refuses_a_different_table(decoder, tmp_path, trainer):
         RunCheckpointer(tmp_path).restore(bigger.abstract_state)
     with pytest.raises(FileNotFoundError):
         RunCheckpointer(tmp_path / "empty").restore(trainer.abstract_state)
+
+
+def test_restore_part_reads_the_gates_alone_and_refuses_another_layout(tmp_path, trainer):
+    state = trainer.init(DOMAIN_TOKENS)
+    RunCheckpointer(tmp_path).save(0, state)
+    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainer.abstract_state.gates)
+    assert_trees_equal(RunCheckpointer(tmp_path).restore_part("gates", like), state.gates)
+    wider = {**like, "head": jax.ShapeDtypeStruct((CFG.num_layers, CFG.num_heads + 1), np.float32)}
+    with pytest.raises(CheckpointLayoutError, match="does not match"):
+        RunCheckpointer(tmp_path).restore_part("gates", wider)
+    with pytest.raises(CheckpointLayoutError, match="does not match"):  # block gates the run did not train
+        RunCheckpointer(tmp_path).restore_part("gates", {**like, "mlp": jax.ShapeDtypeStruct((2,), np.float32)})
 
 
 def test_adding_a_domain_keeps_the_other_rows(trainer, decoder):

@@ -121,16 +121,20 @@ class RunCheckpointer:
             raise FileNotFoundError(f"no run checkpoint{'' if step is None else f' for step {step}'} in "
                                     f"{self.directory} (found steps {self.all_steps()})")
         target = _nest(abstract_state)
+        self._check_layout(step, _layout(target))
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+        return _unnest(restored["state"], abstract_state), self._own_data_state(dict(restored["data"] or {}), step)
+
+    def _check_layout(self, step: int, expected: dict[str, list], prefix: str = "") -> None:
+        """Refuse step `step` unless its arrays whose paths start with `prefix` are exactly `expected`."""
         saved = self.manager.restore(step, args=ocp.args.Composite(layout=ocp.args.JsonRestore()))["layout"]
-        expected = _layout(target)
+        saved = {path: value for path, value in saved.items() if path.startswith(prefix)}
         if saved != expected:
             diff = sorted(set(map(str, saved.items())) ^ set(map(str, expected.items())))[:6]
             raise CheckpointLayoutError(
                 f"checkpoint step {step} in {self.directory} does not match this run's state (different "
                 f"num_domains, memory_slots, lora_targets, block_gates or model?); differing arrays: {diff}")
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
-        return _unnest(restored["state"], abstract_state), self._own_data_state(dict(restored["data"] or {}), step)
 
     def _own_data_state(self, data_state: dict, step: int) -> dict:
         """This process's data state from a saved one (saved by one process, or by every process)."""
@@ -146,6 +150,18 @@ class RunCheckpointer:
                 f"{jax.process_count()}: each process reads its own data shard, so the data position cannot carry "
                 "over; resume with the same number of hosts, or start a new --workdir")
         return data_state
+
+    def restore_part(self, name: str, like: Any, step: int | None = None) -> Any:
+        """The arrays under `name` (e.g. `"gates"`) of `step` (default: latest) as host arrays, shaped like `like`.
+
+        Only that part's layout is checked, so a reader of, say, the gates needs neither
+        the whole abstract state nor a mesh; a part of another layout is refused.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no run checkpoint in {self.directory}")
+        self._check_layout(step, _layout({name: _nest(like)}), prefix=f"{name}/")
+        return _unnest(self.restore_arrays(step)[name], like)
 
     def restore_newest_readable(self, abstract_state: Any) -> tuple[Any, dict] | None:
         """`restore` from the newest step that reads back (None if none does); unreadable steps are moved aside.

@@ -1,4 +1,4 @@
-"""`sparsemem run`, `analyze`, `compare`, `extend` and `route` (each imports the stack it needs when it runs)."""
+"""`sparsemem run`, `analyze`, `compare`, `export`, `extend` and `route` (each imports its stack when it runs)."""
 
 from __future__ import annotations
 
@@ -62,6 +62,14 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from sparsemem.experiment.run_export import export_run  # noqa: PLC0415
+
+    print(export_run(args.run, args.variant, args.out, round_to=args.round_to, merge_domain=args.merge_domain,
+                     routing_layer=args.routing_layer))
+    return 0
+
+
 def _extend(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from sparsemem.experiment import extend as extend_lib  # noqa: PLC0415
@@ -105,6 +113,18 @@ def register(subparsers) -> None:
     p.add_argument("workdirs", nargs="+", help="run directories, e.g. runs/demo_06 runs/demo runs/demo_25")
     p.add_argument("--out", default=None, help="also write the markdown table to this file")
     p.set_defaults(func=_compare)
+    p = subparsers.add_parser("export", help="compact a trained run's backbone and export its memory modules",
+                              description="Export a trained run: compacted backbone + one memory module per "
+                                          "domain (see docs/serving.md).")
+    p.add_argument("--run", required=True, help="run directory written by `sparsemem run`")
+    p.add_argument("--variant", default="koff", help="trained variant to export (default: koff)")
+    p.add_argument("--out", help="output folder (default: <run>/export/<variant>/serve)")
+    p.add_argument("--round-to", type=int, default=None,
+                   help="round kept widths up to a multiple (e.g. 128) by keeping the next-best units")
+    p.add_argument("--merge-domain", help="merge this domain's LoRA into the backbone (single-domain serving)")
+    p.add_argument("--routing-layer", type=int, default=None,
+                   help="block whose mean hidden state routes prompts (default: the middle block)")
+    p.set_defaults(func=_export)
     p = subparsers.add_parser("extend", help="add domains to a trained run: new memory modules on its frozen mask "
                                              "and backbone (resumable)")
     p.add_argument("--run", required=True, help="run directory written by `sparsemem run`")

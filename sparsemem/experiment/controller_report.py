@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 
 from sparsemem import files
 from sparsemem.experiment.config import trains_gates
-from sparsemem.experiment.export import load_npz, save_npz
+from sparsemem.experiment.variant_files import load_npz, save_npz
 from sparsemem.experiment.rundir import RunDir
 from sparsemem.koff import gates as gates_lib
 

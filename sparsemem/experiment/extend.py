@@ -25,7 +25,6 @@ import logging
 import os
 import pathlib
 
-import numpy as np
 from jax.experimental import multihost_utils
 
 from sparsemem.checkpoints.run_state import RunCheckpointer
@@ -34,7 +33,7 @@ from sparsemem.data import sources as sources_lib
 from sparsemem.data.sources import DomainSource
 from sparsemem.experiment import setup
 from sparsemem.experiment.config import koff_config
-from sparsemem.experiment.export import load_mask, save_memory_rows
+from sparsemem.experiment.variant_files import load_mask, save_memory_rows
 from sparsemem.experiment.metrics import MetricsLog
 from sparsemem.experiment.report import write_report
 from sparsemem.experiment.rundir import RunDir, Timer
@@ -169,21 +168,22 @@ def extend(run_dir: str, domains: list[NewDomain], steps: int | None = None) -> 
         save_memory_rows(run, VARIANT, memory, [d.name for d in domains])
         result = {"domains": [d.name for d in domains], "steps": steps, "before": before, "after": after}
         run.write_json(f"extend/{name}/eval.json", result)
-        _export_into_existing(run, config, decoder, tokenizer, memory, train_sources)
+        _export_into_existing(run, config, decoder, tokenizer, memory, train_sources, kcfg.lora_scale)
     if run.primary:
         write_report(run)
     return result
 
 
-def _export_into_existing(run: RunDir, config, decoder, tokenizer, memory, train_sources) -> None:
+def _export_into_existing(run: RunDir, config, decoder, tokenizer, memory, train_sources,
+                          lora_scale: float) -> None:
     """Write the new modules into the run's export folder, if it has one (same backbone, same fingerprints)."""
-    from sparsemem.serve.export import add_modules, routing_documents  # noqa: PLC0415
+    from sparsemem.experiment.run_export import routing_documents  # noqa: PLC0415 (it imports this module)
+    from sparsemem.serve.export_folder import add_modules  # noqa: PLC0415
 
     serve = run.path / "export" / VARIANT / "serve"
     if not (serve / "backbone" / "config.json").exists():
         log.info("no export in %s yet: `sparsemem export --run %s` will include the new domains", serve, run.path)
         return
     texts = {s.name: routing_documents(s, tokenizer, config.data.seq_len) for s in train_sources}
-    lora_scale = config.koff.lora_alpha / max(config.koff.lora_rank, 1)
     add_modules(serve, decoder, load_mask(run, VARIANT), memory, [s.name for s in train_sources], lora_scale, texts)
     log.info("added modules %s to %s", ", ".join(s.name for s in train_sources), serve)

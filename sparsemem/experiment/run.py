@@ -28,7 +28,7 @@ from sparsemem.experiment import setup
 from sparsemem.evaluation.documents import document_batches
 from sparsemem.experiment.config import MASK_FROM, koff_config, mask_source
 from sparsemem.experiment.controller_report import mask_gap, save_controller
-from sparsemem.experiment.export import export_variant, load_mask, load_npz, save_npz
+from sparsemem.experiment.variant_files import export_variant, load_mask, load_npz, save_npz
 from sparsemem.experiment.metrics import MetricsLog
 from sparsemem.experiment.report import write_report
 from sparsemem.experiment.rundir import RunDir, Timer

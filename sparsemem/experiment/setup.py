@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -62,15 +63,23 @@ def mesh_for(config: ml_collections.ConfigDict):
     return make_mesh({"data": m.data, "fsdp": m.fsdp, "model": m.model}, devices=jax.devices()[:n])
 
 
+def model_folder(config: ml_collections.ConfigDict) -> pathlib.Path:
+    """The local folder of the config's model (`model.source="hf"`), else of the embedded demo model.
+
+    A `gs://` `model.path` is copied to this host's disk once. Random models use the demo
+    model's tokenizer (and its config, resized).
+    """
+    if config.model.source == "hf":
+        return files.local_copy(config.model.path, STAGED_MODELS)
+    from sparsemem.checkpoints.gguf import demo_model_dir  # noqa: PLC0415 (needs the demo extra)
+    return demo_model_dir()
+
+
 def load_model(config: ml_collections.ConfigDict, mesh) -> tuple[Decoder, Tokenizer]:
     """The frozen decoder (on `mesh`) and its tokenizer."""
     m = config.model
     dtype = jnp.dtype(m.param_dtype)
-    if m.source == "hf":
-        folder = files.local_copy(m.path, STAGED_MODELS)  # a gs:// model is copied to this host's disk once
-    else:
-        from sparsemem.checkpoints.gguf import demo_model_dir  # noqa: PLC0415 (needs the demo extra)
-        folder = demo_model_dir()
+    folder = model_folder(config)
     tokenizer = load_tokenizer(folder, read_config(folder))
     if m.source != "random":
         log.info("loading %s", folder)

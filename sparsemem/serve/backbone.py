@@ -20,8 +20,8 @@ from safetensors.numpy import save_file
 
 from sparsemem.checkpoints.hf import SafetensorsFolder, TensorMap, atomic_write, tensor_maps
 from sparsemem.models.config import from_hf_config, layer_shapes, to_hf_config
-from sparsemem.serve.compact import CompactLayout, build_compact
-from sparsemem.serve.compact_model import CompactDecoder
+from sparsemem.serve.compaction import CompactLayout, build_compact
+from sparsemem.serve.compact_decoder import CompactDecoder
 
 FORMAT = "sparsemem-compact-backbone/1"
 

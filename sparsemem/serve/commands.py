@@ -1,11 +1,11 @@
-"""Serving commands: `sparsemem generate` and `sparsemem export` (see `sparsemem.serve.export`).
+"""`sparsemem generate`: continue text prompts with a model or an exported run.
 
-`export` compacts a trained run's backbone and writes its memory modules. `generate`
-continues prompts with a model folder (default: the embedded Gemma-3-270M) or, with
-`--run`, with the compacted backbone and memory modules written by `sparsemem export`;
-`--domain` picks each prompt's memory module, or `auto` routes the prompt to the module
-whose routing centroid is nearest (`sparsemem.serve.routing`). The commands import jax
-and the model code when they run, so `sparsemem --help` stays fast.
+`generate` continues prompts with a model folder (default: the embedded Gemma-3-270M) or, with
+`--run`, with the compacted backbone and memory modules written by `sparsemem export`
+(registered with the run commands: it reads a run directory); `--domain` picks each
+prompt's memory module, or `auto` routes the prompt to the module whose routing centroid
+is nearest (`sparsemem.serve.routing`). The command imports jax and the model code when
+it runs, so `sparsemem --help` stays fast.
 """
 
 from __future__ import annotations
@@ -95,27 +95,7 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def export(args: argparse.Namespace) -> int:
-    from sparsemem.serve.export import export_run  # noqa: PLC0415
-
-    print(export_run(args.run, args.variant, args.out, round_to=args.round_to, merge_domain=args.merge_domain,
-                     routing_layer=args.routing_layer))
-    return 0
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("export", help="compact a trained run's backbone and export its memory modules",
-                                   description="Export a trained run: compacted backbone + one memory module per "
-                                               "domain (see docs/serving.md).")
-    parser.add_argument("--run", required=True, help="run directory written by `sparsemem run`")
-    parser.add_argument("--variant", default="koff", help="trained variant to export (default: koff)")
-    parser.add_argument("--out", help="output folder (default: <run>/export/<variant>/serve)")
-    parser.add_argument("--round-to", type=int, default=None,
-                        help="round kept widths up to a multiple (e.g. 128) by keeping the next-best units")
-    parser.add_argument("--merge-domain", help="merge this domain's LoRA into the backbone (single-domain serving)")
-    parser.add_argument("--routing-layer", type=int, default=None,
-                        help="block whose mean hidden state routes prompts (default: the middle block)")
-    parser.set_defaults(func=export)
     parser = subparsers.add_parser("generate", help="continue text prompts with a model or an exported run",
                                    description=__doc__)
     parser.add_argument("--prompt", action="append", required=True,

@@ -1,6 +1,6 @@
 """A deployment: the compacted backbone plus its domains' memory modules, ready to generate.
 
-An export folder (written by `sparsemem.serve.export`) holds
+An export folder (written by `sparsemem.serve.export_folder`) holds
 ```
 backbone/            config.json (with the layout), model.safetensors, tokenizer.json
 modules/<domain>/    manifest.json, memory.safetensors

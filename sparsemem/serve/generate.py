@@ -18,7 +18,7 @@ from flax import nnx
 
 from sparsemem.models.decoder import Decoder, KVCache
 from sparsemem.models.hooks import Hooks
-from sparsemem.serve.compact_model import CompactDecoder, RowMemory
+from sparsemem.serve.compact_decoder import CompactDecoder, RowMemory
 from sparsemem.tokenizer import Tokenizer
 
 

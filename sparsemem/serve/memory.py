@@ -23,8 +23,8 @@ import numpy as np
 from jax.sharding import SingleDeviceSharding
 
 from sparsemem.models.config import ModelConfig
-from sparsemem.serve.compact import CompactLayout
-from sparsemem.serve.compact_model import RowMemory
+from sparsemem.serve.compaction import CompactLayout
+from sparsemem.serve.compact_decoder import RowMemory
 
 
 class UnknownDomainError(ValueError):

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from sparsemem.models.loss import token_cross_entropy
-from sparsemem.serve.compact_model import CompactDecoder, RowMemory
+from sparsemem.serve.compact_decoder import CompactDecoder, RowMemory
 from sparsemem.serve.memory import MemoryBank
 
 LENGTH_BUCKET = 16  # prompts are right-padded to a multiple of this, so few shapes compile

@@ -26,7 +26,7 @@ from typing import Callable
 
 from sparsemem.checkpoints.hf import load_hf_checkpoint, load_tokenizer
 from sparsemem.models.decoder import Decoder
-from sparsemem.serve.compact_model import CompactDecoder, RowMemory
+from sparsemem.serve.compact_decoder import CompactDecoder, RowMemory
 from sparsemem.serve.deploy import Deployment
 from sparsemem.serve.generate import PROMPT_BUCKET, SamplingConfig, bucket_length, decode_steps
 from sparsemem.serve.memory import MemoryBank

@@ -1,6 +1,6 @@
 """Compaction for serving: kept-unit layout, hardware-friendly width rounding, `Decoder` -> `CompactDecoder`.
 
-The physical slicing of the stacked weights is `sparsemem.koff.compact.compact`;
+The physical slicing of the stacked weights is `sparsemem.koff.weight_slicing.compact`;
 this module adds what serving needs around it: the layout of kept units (to slice
 memory modules and to save/load the backbone), rounding kept widths up to a
 multiple (e.g. 128 lanes) by keeping the next-best pruned units, and assembling
@@ -15,10 +15,10 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from sparsemem.koff import compact as koff_compact
+from sparsemem.koff import weight_slicing
 from sparsemem.models.config import ModelConfig
 from sparsemem.models.decoder import Decoder
-from sparsemem.serve.compact_model import CompactBlock, CompactDecoder
+from sparsemem.serve.compact_decoder import CompactBlock, CompactDecoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +32,7 @@ class CompactLayout:
     @classmethod
     def from_masks(cls, cfg: ModelConfig, masks: dict) -> "CompactLayout":
         """From 0/1 gate masks (`head [L, H]`, `neuron [L, F]`, optional block masks `attn`, `mlp [L]`)."""
-        head_keep, neuron_keep = koff_compact.kept_units(cfg, masks)
+        head_keep, neuron_keep = weight_slicing.kept_units(cfg, masks)
         heads = tuple(tuple(int(h) for h in np.flatnonzero(row)) for row in head_keep)
         kv = tuple(tuple(sorted({h // cfg.group_size for h in row})) for row in heads)
         neurons = tuple(tuple(int(n) for n in np.flatnonzero(row)) for row in neuron_keep)
@@ -93,7 +93,7 @@ def round_masks(cfg: ModelConfig, masks: dict, scores: dict, multiple: int) -> d
     """
     if multiple < 1:
         raise ValueError(f"round_to must be >= 1, got {multiple}")
-    head_keep, neuron_keep = koff_compact.kept_units(cfg, masks)
+    head_keep, neuron_keep = weight_slicing.kept_units(cfg, masks)
     head_multiple = multiple // math.gcd(multiple, cfg.head_dim)
     head = np.stack([_round_up(k, np.asarray(s), head_multiple) for k, s in zip(head_keep, scores["head"])])
     neuron = np.stack([_round_up(k, np.asarray(s), multiple) for k, s in zip(neuron_keep, scores["neuron"])])
@@ -111,10 +111,10 @@ def build_compact(cfg: ModelConfig, layout: CompactLayout, layer_weights: list[d
 def compact_decoder(decoder: Decoder, layout: CompactLayout) -> CompactDecoder:
     """The physically compacted `decoder`: only `layout`'s units, same function as the masked model."""
     cfg = decoder.cfg
-    per_layer = koff_compact.compact(cfg, decoder.layers.weights(), layout.masks(cfg))
+    per_layer = weight_slicing.compact(cfg, decoder.layers.weights(), layout.masks(cfg))
     for i, weights in enumerate(per_layer):
         if tuple(weights.pop("kv_of_head").tolist()) != layout.kv_of_head(cfg, i):
-            raise AssertionError(f"koff.compact and the serving layout disagree on layer {i}'s KV groups")
+            raise AssertionError(f"koff.weight_slicing and the serving layout disagree on layer {i}'s KV groups")
     unembed = None if cfg.tie_embeddings else np.asarray(decoder.unembed[...])
     return build_compact(cfg, layout, per_layer, np.asarray(decoder.embed[...]), np.asarray(decoder.final_norm[...]),
                          unembed, dtype=decoder.dtype)
@@ -123,4 +123,4 @@ def compact_decoder(decoder: Decoder, layout: CompactLayout) -> CompactDecoder:
 def prunable_params(model: CompactDecoder) -> int:
     """Prunable parameters (projections and their biases) left in a compacted model."""
     return sum(int(np.prod(var.shape)) for blk in model.blocks for name, var in vars(blk).items()
-               if name in koff_compact.PRUNABLE)
+               if name in weight_slicing.PRUNABLE)

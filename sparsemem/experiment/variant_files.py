@@ -1,4 +1,9 @@
-"""Export a trained variant: its deterministic mask, realised sparsity, and one memory module per domain."""
+"""A trained variant's files in its run directory: `export/<variant>/{mask.npz, sparsity.json, memory/<domain>.npz}`.
+
+Written when the variant finishes training (`export_variant`), read by evaluation,
+`sparsemem extend` and `sparsemem export` (`load_mask`); `.npz` files are written
+atomically and read through epath (local or `gs://`).
+"""
 
 from __future__ import annotations
 
