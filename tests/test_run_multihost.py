@@ -196,7 +196,7 @@ def test_two_processes_run_like_one_write_once_and_resume_after_both_are_killed(
     from sparsemem import cli
     from sparsemem.data.pipeline import Shard
     from sparsemem.experiment import setup
-    from sparsemem.experiment.export import load_npz
+    from sparsemem.experiment.variant_files import load_npz
     from sparsemem.experiment.metrics import read_metrics
 
     workdir = tmp_path / "two"
