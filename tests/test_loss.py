@@ -1,5 +1,7 @@
 """The chunked, fused-gradient losses equal the unchunked ones: values and gradients, CE and KL."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,7 @@ from flax import nnx
 
 from sparsemem.models.config import preset
 from sparsemem.models.decoder import Decoder
-from sparsemem.models.loss import token_cross_entropy, token_kl
+from sparsemem.models.loss import num_vocab_blocks, token_cross_entropy, token_kl
 from sparsemem.scale.flops import jaxpr_flops
 
 CFG = preset("gemma-3-270m").replace(num_layers=1, d_model=32, d_ff=64, num_heads=2, num_kv_heads=1, head_dim=16,
@@ -37,12 +39,14 @@ def direct_kl(hidden_ref, hidden):
 
 
 @pytest.mark.parametrize("shape,chunk", [((3, 10), 7), ((2, 8), 16), ((1, 5), 1), ((4, 6), 1024)])
+@pytest.mark.parametrize("vocab_block", [7, 64, 4096])  # 50 blocks of 6 rows, 5 of 60, one of 300
 @pytest.mark.parametrize("seed", [0, 1])
-def test_cross_entropy_values_and_gradients_match_unchunked(shape, chunk, seed):
+def test_cross_entropy_values_and_gradients_match_unchunked(shape, chunk, vocab_block, seed):
     hidden, _, targets, weights = random_inputs(shape, seed)
-    loss = jax.jit(lambda h: token_cross_entropy(MODEL, h, targets, chunk_size=chunk))
+    ce = functools.partial(token_cross_entropy, MODEL, targets=targets, chunk_size=chunk, vocab_block=vocab_block)
+    loss = jax.jit(ce)
     np.testing.assert_allclose(loss(hidden), direct_cross_entropy(hidden, targets), rtol=1e-5, atol=1e-5)
-    grad = jax.jit(jax.grad(lambda h: jnp.sum(weights * token_cross_entropy(MODEL, h, targets, chunk_size=chunk))))
+    grad = jax.jit(jax.grad(lambda h: jnp.sum(weights * ce(h))))
     expected = jax.grad(lambda h: jnp.sum(weights * direct_cross_entropy(h, targets)))(hidden)
     np.testing.assert_allclose(grad(hidden), expected, rtol=1e-4, atol=1e-5)
 
@@ -85,3 +89,14 @@ def test_bad_chunk_size_is_named():
     hidden, _, targets, _ = random_inputs((1, 4), 0)
     with pytest.raises(ValueError, match="chunk_size=0"):
         token_cross_entropy(MODEL, hidden, targets, chunk_size=0)
+
+
+@pytest.mark.parametrize("vocab,block,blocks", [(262144, 1024, 256), (151936, 4096, 32), (300, 7, 50), (7919, 4096, 1)])
+def test_vocabulary_blocks_tile_the_vocabulary_exactly(vocab, block, blocks):
+    assert num_vocab_blocks(vocab, block) == blocks and vocab % blocks == 0
+
+
+def test_bad_vocab_block_is_named():
+    hidden, _, targets, _ = random_inputs((1, 4), 0)
+    with pytest.raises(ValueError, match="vocab_block=0"):
+        token_cross_entropy(MODEL, hidden, targets, vocab_block=0)

@@ -1,13 +1,21 @@
-"""Token losses over a huge vocabulary, computed in chunks of tokens with a fused gradient.
+"""Token losses over a huge vocabulary, with the gradient fused into the forward pass.
 
 Full logits for a batch (`B*T x V`, V = 262,144 for Gemma) would dominate memory, so
 tokens are processed `chunk_size` at a time under `lax.scan`. The losses are custom-VJP
 functions whose forward pass, when differentiated, also computes the gradient with
-respect to the hidden states chunk by chunk (`(softmax - target) @ unembedding`) and
-keeps only that `[tokens, d]` array: no `[chunk, V]` logits are stored or recomputed,
-so a train step costs two vocabulary products per loss instead of three (forward,
-rematerialised forward, backward). Undifferentiated calls (evaluation) compute the
-values only.
+respect to the hidden states and keeps only that `[tokens, d]` array: no logits are
+stored or recomputed, so a train step costs two vocabulary products per cross-entropy
+instead of three (forward, rematerialised forward, backward). Undifferentiated calls
+(evaluation) compute the values only.
+
+Cross-entropy also splits the vocabulary into blocks of about `VOCAB_BLOCK` rows and
+runs an online log-sum-exp over them, as flash attention does over keys:
+`softmax(h E^T) E` is attention whose keys and values are both the unembedding `E`, so
+the running sum of `exp(logit - max) * row` is rescaled whenever the running max grows.
+No `[chunk, V]` array exists; each `[chunk, block]` block of logits is consumed while it
+is still in cache. The KL needs both distributions' normalisers before its gradient
+`(softmax - softmax_ref) @ E` can be formed, so it keeps whole-vocabulary logits per
+token chunk (three vocabulary products).
 
 The unembedding is treated as frozen and the KL's reference hidden states as a
 target: neither gets a gradient (the KOFF backbone never trains either).
@@ -23,6 +31,8 @@ import jax.numpy as jnp
 
 from sparsemem.models.decoder import Decoder
 
+VOCAB_BLOCK = 1024  # rows of the unembedding per online-softmax block (see the module docstring)
+
 
 def _logits(unembed: jax.Array, hidden: jax.Array) -> jax.Array:
     return jnp.einsum("cd,vd->cv", hidden, unembed, preferred_element_type=jnp.float32)
@@ -33,14 +43,48 @@ def _to_hidden(unembed: jax.Array, dlogits: jax.Array) -> jax.Array:
     return jnp.einsum("cv,vd->cd", dlogits.astype(unembed.dtype), unembed, preferred_element_type=jnp.float32)
 
 
-def _cross_entropy(unembed, targets, hidden, with_grad: bool):
-    logits = _logits(unembed, hidden)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    loss = lse - jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
-    if not with_grad:
-        return loss, None
-    onehot = jnp.arange(logits.shape[-1])[None, :] == targets[:, None]
-    return loss, _to_hidden(unembed, jnp.exp(logits - lse[:, None]) - onehot)
+def num_vocab_blocks(vocab: int, block: int = VOCAB_BLOCK) -> int:
+    """The divisor of `vocab` nearest `vocab / block`: blocks of about `block` rows that tile it exactly."""
+    want = max(1, round(vocab / block))
+    for distance in range(vocab):
+        for n in (want - distance, want + distance):
+            if 0 < n <= vocab and vocab % n == 0:
+                return n
+    return 1
+
+
+def _online_softmax(unembed: jax.Array, hidden: jax.Array, num_blocks: int, with_grad: bool):
+    """`(logsumexp [C], softmax @ unembed [C, d] or None)` of the logits `hidden @ unembed^T`, block by block.
+
+    Block `j` holds the rows `j, j + num_blocks, ...`: the reshape is free, and a vocabulary
+    sharding of the unembedding's first axis stays on the block rows.
+    """
+    blocks = unembed.reshape(-1, num_blocks, unembed.shape[-1])
+    c, d = hidden.shape
+
+    def step(carry, j):
+        top, total, weighted = carry
+        rows = blocks[:, j]
+        logits = _logits(rows, hidden)
+        new_top = jnp.maximum(top, jnp.max(logits, axis=-1))
+        p = jnp.exp(logits - new_top[:, None])
+        rescale = jnp.exp(top - new_top)
+        total = total * rescale + jnp.sum(p, axis=-1)
+        if weighted is not None:
+            weighted = weighted * rescale[:, None] + _to_hidden(rows, p)
+        return (new_top, total, weighted), None
+
+    init = (jnp.full((c,), -jnp.inf, jnp.float32), jnp.zeros((c,), jnp.float32),
+            jnp.zeros((c, d), jnp.float32) if with_grad else None)
+    (top, total, weighted), _ = jax.lax.scan(step, init, jnp.arange(num_blocks))
+    return top + jnp.log(total), None if weighted is None else weighted / total[:, None]
+
+
+def _cross_entropy(unembed, targets, hidden, with_grad: bool, *, num_blocks: int):
+    lse, expected_row = _online_softmax(unembed, hidden, num_blocks, with_grad)
+    target_rows = jnp.take(unembed, targets, axis=0).astype(jnp.float32)
+    loss = lse - jnp.sum(hidden.astype(jnp.float32) * target_rows, axis=-1)
+    return loss, None if expected_row is None else expected_row - target_rows
 
 
 def _kl(unembed, hidden_ref, hidden, with_grad: bool):
@@ -95,13 +139,17 @@ def _token_loss(fn: Callable, unembed: jax.Array, arrays: tuple[jax.Array, ...],
 
 
 def token_cross_entropy(model: Decoder, hidden: jax.Array, targets: jax.Array, *,
-                        chunk_size: int = 1024) -> jax.Array:
+                        chunk_size: int = 1024, vocab_block: int = VOCAB_BLOCK) -> jax.Array:
     """Per-token next-token cross-entropy `[B, T]` (nats) from final hidden states `[B, T, d]`.
 
-    Differentiable w.r.t. `hidden` only (see the module docstring).
+    Differentiable w.r.t. `hidden` only (see the module docstring). `vocab_block`: about
+    how many unembedding rows each online-softmax block holds.
     """
+    if vocab_block < 1:
+        raise ValueError(f"vocab_block={vocab_block} must be >= 1 (unembedding rows per online-softmax block)")
     unembed = model.unembedding().astype(hidden.dtype)
-    return _token_loss(_cross_entropy, unembed, (targets.astype(jnp.int32), hidden), chunk_size)
+    fn = functools.partial(_cross_entropy, num_blocks=num_vocab_blocks(unembed.shape[0], vocab_block))
+    return _token_loss(fn, unembed, (targets.astype(jnp.int32), hidden), chunk_size)
 
 
 def token_kl(model: Decoder, hidden_ref: jax.Array, hidden: jax.Array, *, chunk_size: int = 1024) -> jax.Array:
