@@ -46,11 +46,7 @@ def _to_hidden(unembed: jax.Array, dlogits: jax.Array) -> jax.Array:
 def num_vocab_blocks(vocab: int, block: int = VOCAB_BLOCK) -> int:
     """The divisor of `vocab` nearest `vocab / block`: blocks of about `block` rows that tile it exactly."""
     want = max(1, round(vocab / block))
-    for distance in range(vocab):
-        for n in (want - distance, want + distance):
-            if 0 < n <= vocab and vocab % n == 0:
-                return n
-    return 1
+    return min((n for n in range(1, vocab + 1) if vocab % n == 0), key=lambda n: (abs(n - want), n))
 
 
 def _online_softmax(unembed: jax.Array, hidden: jax.Array, num_blocks: int, with_grad: bool):
