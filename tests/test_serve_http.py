@@ -1,6 +1,7 @@
 """The HTTP server on 127.0.0.1 (tiny random export): parity with `generate`, batching, streaming, errors, overload."""
 
 import asyncio
+import dataclasses
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import pytest
 
 from sparsemem.experiment.run_export import export_run
 from sparsemem.serve.generate import SamplingConfig, generate_ids
+from sparsemem.serve.routing import CentroidRouter, prompt_features
 from sparsemem.serve.scheduler import Scheduler, ServedModel
 from sparsemem.serve.server import BackgroundServer, create_app, wait_until_healthy
 from test_serve_compact import hard_masks, random_decoder, random_table, tiny
@@ -137,6 +139,7 @@ BAD_REQUESTS = [
     ({"prompt": "w5"}, 400, "'model' is required"),
     ({"model": "de"}, 400, "'prompt' is required"),
     ({"model": "nl", "prompt": "w5"}, 404, "model 'nl' does not exist; available: backbone, de, en, fr"),
+    ({"model": "auto", "prompt": "w5"}, 400, "'auto' needs routing centroids and this server has none"),
     ({"model": "de", "prompt": 5}, 400, "'prompt' must be a string, got 5"),
     ({"model": "de", "prompt": "w5", "max_tokens": "4"}, 400, "'max_tokens' must be an integer >= 1, got \"4\""),
     ({"model": "de", "prompt": "w5", "max_tokens": True}, 400, "'max_tokens' must be an integer"),
@@ -168,6 +171,23 @@ def test_models_and_health(server):
     assert [(m["id"], m["parent"]) for m in models["data"]] == [("backbone", None), ("de", "backbone"),
                                                                  ("en", "backbone"), ("fr", "backbone")]
     assert status == 200 and health["status"] == "ok" and health["queued"] == 0
+
+
+def test_auto_routes_each_prompt_to_its_nearest_domain(served):
+    """Centroids placed at three prompts' own routing features: `auto` must pick each prompt's domain and
+    answer exactly what naming that domain answers."""
+    prompts = dict(zip(("fr", "de", "en"), PROMPTS[:3]))
+    ids = [served.tokenizer.encode(p) for p in prompts.values()]
+    layer = 1
+    router = CentroidRouter(tuple(prompts), prompt_features(served.model, ids, layer, served.model.cfg.bos_id), layer)
+    routed = dataclasses.replace(served, router=router)
+    bodies = [{"model": "auto", "prompt": p, "max_tokens": 6, "temperature": 0} for p in prompts.values()]
+    with BackgroundServer(create_app(Scheduler(routed, max_batch=8, max_queue=8, window_s=0.05), context=CONTEXT)) as s:
+        results = burst(s.url, bodies)
+    for (domain, prompt), (status, reply) in zip(prompts.items(), results):
+        assert status == 200, reply
+        assert reply["model"] == domain
+        assert reply["choices"][0]["text"] == reference(served, prompt, domain, SamplingConfig(max_new_tokens=6))
 
 
 def test_full_queue_answers_429_and_loses_nothing(served):

@@ -27,9 +27,10 @@ from typing import Callable
 from sparsemem.checkpoints.hf import load_hf_checkpoint, load_tokenizer
 from sparsemem.models.decoder import Decoder
 from sparsemem.serve.compact_decoder import CompactDecoder, RowMemory
-from sparsemem.serve.deploy import Deployment
+from sparsemem.serve.deploy import AUTO, Deployment
 from sparsemem.serve.generate import PROMPT_BUCKET, SamplingConfig, bucket_length, decode_steps
 from sparsemem.serve.memory import MemoryBank
+from sparsemem.serve.routing import CentroidRouter, RoutingError
 from sparsemem.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -45,12 +46,14 @@ class DrainingError(RuntimeError):
 
 @dataclasses.dataclass
 class ServedModel:
-    """What a server runs: a backbone (compacted or plain), its tokenizer and, for an export, its domains' memory."""
+    """What a server runs: a backbone (compacted or plain), its tokenizer and, for an export, its domains' memory
+    and the router that picks a domain for `model: "auto"`."""
 
     name: str
     model: Decoder | CompactDecoder
     tokenizer: Tokenizer
     bank: MemoryBank | None = None
+    router: CentroidRouter | None = None
 
     @classmethod
     def from_export(cls, path: str | pathlib.Path, *, offload: bool = False, name: str = "backbone") -> "ServedModel":
@@ -58,7 +61,7 @@ class ServedModel:
         if deployment.tokenizer is None:
             raise FileNotFoundError(f"{path}/backbone has no tokenizer.json; the server needs one to read text "
                                     "prompts (export the run again from a model folder with a tokenizer)")
-        return cls(name, deployment.backbone.model, deployment.tokenizer, deployment.bank)
+        return cls(name, deployment.backbone.model, deployment.tokenizer, deployment.bank, deployment.router)
 
     @classmethod
     def from_hf(cls, folder: str | pathlib.Path, name: str | None = None) -> "ServedModel":
@@ -68,6 +71,13 @@ class ServedModel:
     @property
     def domains(self) -> tuple[str, ...]:
         return self.bank.domains if self.bank is not None else ()
+
+    def route(self, prompt: list[int]) -> str:
+        """The domain whose routing centroid the prompt (token ids) is nearest to."""
+        if self.router is None:
+            raise RoutingError(f"{AUTO!r} needs routing centroids and this server has none (a plain model, or an "
+                               "export made before routing existed: export the run again); name a domain instead")
+        return self.router.route(self.model, [prompt], self.model.cfg.bos_id)[0]
 
     def memory(self, domains: list[str | None]) -> RowMemory | None:
         """Per-row memory of a batch; rows of one batch either all use a domain or all use none."""

@@ -1,7 +1,8 @@
 """OpenAI-compatible HTTP API over a `Scheduler` (aiohttp): completions, models, health.
 
-`POST /v1/completions` takes `model` (a domain, or the backbone's name for no memory,
-as vLLM's multi-LoRA serving names adapters), `prompt`, `max_tokens`, `temperature`,
+`POST /v1/completions` takes `model` (a domain, the backbone's name for no memory, as
+vLLM's multi-LoRA serving names adapters, or `auto`: the domain whose routing centroid
+the prompt is nearest to, named in the reply's `model`), `prompt`, `max_tokens`, `temperature`,
 `top_k`, `seed`, `stop`, `stream` (server-sent events, `stream_options.include_usage`).
 `GET /v1/models` lists the backbone and its domains; `GET /health` reports the queue.
 Bad input is a 4xx whose message names the field and the fix; a full queue is a 429;
@@ -19,7 +20,9 @@ import uuid
 
 from aiohttp import web
 
+from sparsemem.serve.deploy import AUTO
 from sparsemem.serve.generate import SamplingConfig
+from sparsemem.serve.routing import RoutingError
 from sparsemem.serve.scheduler import DrainingError, QueueFullError, Request, Scheduler, ServedModel
 
 
@@ -37,13 +40,25 @@ class ApiError(Exception):
 
 
 def resolve_domain(model: str, served: ServedModel) -> str | None:
-    """The domain a request's `model` names (None: the bare backbone). The one place routing (`auto`) plugs in."""
+    """The domain a request's `model` names (None: the bare backbone; `AUTO`: routed from the prompt later)."""
     if model == served.name:
         return None
-    if model in served.domains:
+    if model in served.domains or model == AUTO and served.domains:
         return model
-    raise ApiError(404, f"model {model!r} does not exist; available: {', '.join((served.name,) + served.domains)} "
-                        "(GET /v1/models lists them)", "model")
+    names = (served.name,) + served.domains + ((AUTO,) if served.router else ())
+    raise ApiError(404, f"model {model!r} does not exist; available: {', '.join(names)} (GET /v1/models lists them)",
+                   "model")
+
+
+async def routed(params: CompletionParams, served: ServedModel) -> CompletionParams:
+    """`params` with `model: "auto"` replaced by the domain its prompt routes to (a forward pass, off the loop)."""
+    if params.domain != AUTO:
+        return params
+    try:
+        domain = await asyncio.to_thread(served.route, params.prompt)
+    except RoutingError as err:
+        raise ApiError(400, str(err), "model") from None
+    return dataclasses.replace(params, model=domain, domain=domain)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +179,7 @@ def create_app(scheduler: Scheduler, *, context: int) -> web.Application:
                 body = await request.json()
             except ValueError as err:  # bad JSON or bad UTF-8
                 raise ApiError(400, f"the request body is not valid JSON ({err}); send a JSON object") from None
-            params = parse_completion(body, served, context)
+            params = await routed(parse_completion(body, served, context), served)
             events = _Events(asyncio.get_running_loop())
             job = Request(params.prompt, params.domain, params.sampling, events.token, events.finish)
             try:
@@ -186,7 +201,7 @@ def create_app(scheduler: Scheduler, *, context: int) -> web.Application:
         entries = [{"id": served.name, "object": "model", "created": created, "owned_by": "sparsemem",
                     "root": served.name, "parent": None}]
         entries += [{"id": d, "object": "model", "created": created, "owned_by": "sparsemem", "root": d,
-                     "parent": served.name} for d in served.domains]
+                     "parent": served.name} for d in served.domains + ((AUTO,) if served.router else ())]
         return web.json_response({"object": "list", "data": entries})
 
     async def health(_: web.Request) -> web.Response:
