@@ -75,8 +75,10 @@ def test_compile_v5p_8_fits_and_counts_flops(tmp_path, capsys):
             CFG, kcfg, 8, 256)
         assert step["analytic_flops"] == analytic
         assert step["program_flops"] == pytest.approx(analytic, rel=0.1)
-        # The compiled executable's own count (per chip; elementwise work included) agrees too.
-        assert step["xla_flops"] * report["chips"] == pytest.approx(analytic, rel=0.1)
+        # The compiled executable's own count (per chip) counts each loop body once (the loss's token chunks
+        # and vocabulary blocks), so it only bounds the work from below; the exact checks are the program
+        # count above and test_analytic_flops_match_the_traced_steps.
+        assert 0 < step["xla_flops"] * report["chips"] <= analytic * 1.1
     assert report["largest"][0]["name"] == "backbone.embed"
 
 
