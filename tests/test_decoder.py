@@ -107,17 +107,22 @@ def test_lora_equals_merged_weights_per_example():
     model.layers.w_up[...] = base
 
 
-def test_memory_slots_equal_a_cached_prefix():
-    """Memory k/v taken from a prefix's cache act exactly like that prefix (global attention)."""
-    cfg = TINY_LLAMA
+@pytest.mark.parametrize("cfg", [TINY_GEMMA, TINY_LLAMA], ids=["gemma3", "llama"])
+def test_memory_slots_equal_a_cached_prefix(cfg):
+    """Memory k/v taken from a prefix's cache act exactly like that prefix.
+
+    With Gemma-3's window of 5 the text runs to position 11, so every memory slot leaves
+    the local layers' window on the way, as the prefix token it stands for would.
+    """
     model = random_model(cfg)
-    seq = tokens((2, 12))
+    seq, m = tokens((2, 12)), 3
     full, _ = forward(model, seq, {})
-    cache = model.init_cache(batch=2, max_len=5)
-    _, cache = forward(model, seq[:, :5], dict(cache=cache))
+    cache = model.init_cache(batch=2, max_len=m)
+    _, cache = forward(model, seq[:, :m], dict(cache=cache))
     hooks = Hooks(memory_k=jnp.moveaxis(cache.k, 0, 1), memory_v=jnp.moveaxis(cache.v, 0, 1))
-    rest, _ = forward(model, seq[:, 5:], dict(positions=jnp.broadcast_to(jnp.arange(5, 12), (2, 7)), hooks=hooks))
-    np.testing.assert_allclose(rest, full[:, 5:], atol=2e-5, rtol=2e-5)
+    positions = jnp.broadcast_to(jnp.arange(m, 12), (2, 12 - m))
+    rest, _ = forward(model, seq[:, m:], dict(positions=positions, hooks=hooks))
+    np.testing.assert_allclose(rest, full[:, m:], atol=2e-5, rtol=2e-5)
 
 
 def direct_cross_entropy(logits, targets):

@@ -42,7 +42,7 @@ class Inputs:
 
     `positions`, `segment_ids [B, T]` are the new tokens' (defaults filled in),
     `key_segments [B, S]` every token slot's after this write. Masks are `[B, T, M + S]`:
-    M always-visible memory slots, then S token slots (`local_mask` is None without
+    M memory slots, then S token slots (`local_mask` is None without
     sliding-window layers). RoPE tables are `(cos, sin)` `[B, T, Dh]`. `write_index` is
     the cache slot of the first new token (None: no cache).
     """
@@ -77,8 +77,9 @@ def prologue(cfg: ModelConfig, embed: jax.Array, tokens: jax.Array, *, dtype, po
     """The embedded tokens `[B, T, d]` and the `Inputs` of a forward.
 
     Default positions restart per segment and continue the cache's (without a cache they
-    start at `first_position`). `memory_slots` always-visible key slots precede the
-    token slots in every layer's keys.
+    start at `first_position`). `memory_slots` key slots precede the token slots in every
+    layer's keys, as a prefix at positions `0..M-1`: global layers always see them, local
+    layers while they are inside the window (`layers.memory_in_window`).
     """
     b, t = tokens.shape
     if segment_ids is None:
@@ -101,10 +102,12 @@ def prologue(cfg: ModelConfig, embed: jax.Array, tokens: jax.Array, *, dtype, po
                                                     (0, cache.index))
     window = cfg.sliding_window if "local" in cfg.layer_types else None
     masks = layers.attention_masks(q_index, segment_ids, key_segments, window)
-    if memory_slots:
-        seen = jnp.ones((b, t, memory_slots), bool)
-        masks = tuple(None if m is None else jnp.concatenate([seen, m], axis=2) for m in masks)
     global_mask, local_mask = masks
+    if memory_slots:
+        global_mask = jnp.concatenate([jnp.ones((b, t, memory_slots), bool), global_mask], axis=2)
+        if local_mask is not None:
+            local_mask = jnp.concatenate([layers.memory_in_window(positions, memory_slots, window), local_mask],
+                                         axis=2)
     rope_global = layers.rope_tables(positions, layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
     rope_local = (layers.rope_tables(positions, layers.rope_inv_freq(cfg.head_dim, cfg.local_rope_theta, None))
                   if local_mask is not None else None)

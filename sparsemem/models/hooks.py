@@ -10,9 +10,10 @@ decoder can scan over layers.
 - `neuron_scale [L, F]`: multiplies each MLP neuron `act(gate) * up` before
   `down_proj` (pruning gate or mask of MLP neurons).
 - `memory_k`, `memory_v [B, L, M, Hkv, Dh]`: extra key/value slots per layer and
-  example that every query of that layer attends to, in sliding-window layers too.
-  Memory keys are used exactly as given: no RoPE is applied to them at attention
-  time. Keys taken from the model's own KV cache (the default initialisation)
+  example, a prefix at positions `0..M-1`: global layers always attend to them,
+  sliding-window layers while slot `j` is inside the window (`position - j < window`),
+  exactly as they would to the prefix tokens. Memory keys are used exactly as given:
+  no RoPE is applied to them at attention time. Keys taken from the model's own KV cache (the default initialisation)
   therefore carry the positions they were computed at, baked in.
 - `lora[name]`: an additive low-rank delta `x @ a @ b * scale` on projection `name`
   (one of `PROJECTIONS`), per example: `a [B, L, in, r]`, `b [B, L, r, out]` with

@@ -77,6 +77,17 @@ def attention_masks(q_index: jax.Array, q_segments: jax.Array, k_segments: jax.A
     return full, full & window[None]
 
 
+def memory_in_window(positions: jax.Array, memory_slots: int, sliding_window: int) -> jax.Array:
+    """Which memory slots `[B, T, M]` a sliding-window query at `positions [B, T]` sees.
+
+    Memory slot `j` stands for the prefix token at position `j` (text follows the memory
+    at position `M`), so it leaves a local layer's window exactly as that token would:
+    `position - j < sliding_window`. Global layers see every slot.
+    """
+    slots = jnp.arange(memory_slots, dtype=positions.dtype)
+    return (positions[:, :, None] - slots[None, None, :]) < sliding_window
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
     """Grouped-query attention. q `[B,T,H,Dh]`, k/v `[B,S,Hkv,Dh]`, mask `[B,T,S]` -> `[B,T,H,Dh]`.
 
