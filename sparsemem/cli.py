@@ -35,9 +35,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def use_compilation_cache() -> None:
+    """Keep compiled XLA programs on disk, so a resumed run, the next seed or a restarted server loads
+    them instead of compiling again: `$JAX_COMPILATION_CACHE_DIR` if set, else `<cache>/xla` under
+    the sparsemem cache (`$SPARSEMEM_CACHE`, default `~/.cache/sparsemem`). `JAX_ENABLE_COMPILATION_CACHE=false`
+    turns it off."""
+    import jax
+
+    from sparsemem.checkpoints.gguf import cache_root
+
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(cache_root() / "xla"))
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args = build_parser().parse_args(argv)
+    use_compilation_cache()
     if args.debug:
         return int(args.func(args) or 0)
     try:
