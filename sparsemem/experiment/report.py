@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.figure import Figure  # no pyplot: no global backend state, works headless and in notebooks
 
 from sparsemem import files
@@ -145,10 +146,16 @@ def seeds_table(runs_results: list[dict]) -> str:
                                                               for r in runs_results])] for n in settings])
 
 
+def _many_lines(ax) -> None:
+    """20 distinct colours on `ax`: the default cycle repeats after 10 and a run has up to 12 settings."""
+    ax.set_prop_cycle(color=colormaps["tab20"].colors)
+
+
 def plot_positions(results: dict, path) -> None:
     """Mean loss by target offset in the document (0: the first token after BOS), per setting."""
     fig = Figure(figsize=(8, 4))
     ax = fig.subplots()
+    _many_lines(ax)
     for name, curve in results["position_loss"].items():
         ax.plot(range(len(curve["loss"])), curve["loss"], "o-", label=results["settings"][name], markersize=3)
     labels = max((c["offsets"] for c in results["position_loss"].values()), key=len)
@@ -168,6 +175,7 @@ def plot_training(metrics: list[dict], path, gate_steps: int | None = None) -> N
     titles = ["train loss (nats/token)", "expected sparsity (prunable)"] + (["Lagrange multiplier"] if lagrangian else [])
     fig = Figure(figsize=(5 * len(titles), 4))
     axes = fig.subplots(1, len(titles))
+    _many_lines(axes[0])
     for v in variants:
         rows = [m for m in metrics if m["variant"] == v]
         steps = [m["step"] for m in rows]
