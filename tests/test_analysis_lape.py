@@ -1,4 +1,4 @@
-"""LAPE: entropy, language-specific neurons, permutation test, exact MLP inputs from cut decoders."""
+"""LAPE: entropy, language-specific neurons, permutation test, activation statistics vs cut decoders."""
 
 import numpy as np
 import pytest
@@ -6,8 +6,10 @@ from flax import nnx
 
 from sparsemem.analysis import lape
 from sparsemem.evaluation import bootstrap
-from sparsemem.models.config import preset
 from sparsemem.models.decoder import Decoder
+from sparsemem.models.hooks import Hooks
+
+from test_decoder import TINY_GEMMA, TINY_LLAMA, random_model
 
 
 def test_entropy_is_zero_for_one_language_and_log_d_for_all():
@@ -73,36 +75,70 @@ def test_general_neurons_are_the_high_entropy_active_ones():
     assert general[0].tolist() == [False] * 5 + [True] * 3 + [False] * 2
 
 
-def test_cut_decoder_reproduces_the_full_model_and_switches_the_last_mlp_off():
-    from sparsemem.models.hooks import Hooks
-
-    cfg = preset("gemma-3-270m").replace(num_layers=3, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
-                                         d_ff=64, vocab_size=300)
-    decoder = Decoder(cfg, rngs=nnx.Rngs(1))
-    tokens = np.random.default_rng(0).integers(3, 300, (2, 10))
-    full, _ = decoder(tokens)
-    cut = lape._cut(decoder, 3)
-    cut.final_norm[...] = decoder.final_norm[...]
-    np.testing.assert_allclose(cut(tokens)[0], full, rtol=1e-5, atol=1e-5)
-    # neuron_scale 0 on the last layer == that layer's down projection zeroed.
-    off = np.ones((3, 64), np.float32)
-    off[-1] = 0
-    hooked, _ = cut(tokens, hooks=Hooks(neuron_scale=off))
-    cut.layers.w_down[...] = cut.layers.w_down[...].at[-1].set(0.0)
-    np.testing.assert_allclose(hooked, cut(tokens)[0], rtol=1e-5, atol=1e-6)
+def _cut(decoder: Decoder, depth: int) -> Decoder:
+    """The first `depth` layers of `decoder`, with layer depth-1's MLP norm as the final norm."""
+    cfg = decoder.cfg.replace(num_layers=depth, layer_types=decoder.cfg.layer_types[:depth])
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), dtype=decoder.dtype)))
+    full = nnx.to_pure_dict(nnx.state(decoder, nnx.Param))
+    pure = {"embed": full["embed"], "layers": {k: v[:depth] for k, v in full["layers"].items()},
+            "final_norm": full["layers"]["mlp_norm"][depth - 1]}
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
 
 
-def test_activation_probabilities_shape_and_range():
-    cfg = preset("gemma-3-270m").replace(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
-                                         d_ff=64, vocab_size=300)
-    decoder = Decoder(cfg, rngs=nnx.Rngs(1))
+def _reference_counts(decoder: Decoder, batches: list[dict], num_domains: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per domain, active-token counts `[D, L, F]` and real tokens `[D]`, layer by layer.
+
+    Layer l's MLP input is read from a decoder cut after layer l whose last MLP is switched
+    off (`neuron_scale` 0) and whose final norm is layer l's MLP norm: exactly the normed input.
+    """
+    L, F = decoder.cfg.num_layers, decoder.cfg.d_ff
+    counts, tokens = np.zeros((num_domains, L, F), np.int64), np.zeros(num_domains, np.int64)
+    for layer in range(L):
+        cut = _cut(decoder, layer + 1)
+        off = np.ones((layer + 1, F), np.float32)
+        off[-1] = 0.0
+        w_gate = np.asarray(decoder.layers.w_gate[layer])
+        for batch in batches:
+            hidden, _ = cut(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"],
+                            hooks=Hooks(neuron_scale=off))
+            active = (np.einsum("btd,df->btf", np.asarray(hidden), w_gate) > 0) & (batch["segment_ids"] > 0)[..., None]
+            np.add.at(counts[:, layer], batch["domain"], active.sum(1))
+    for batch in batches:
+        np.add.at(tokens, batch["domain"], (batch["segment_ids"] > 0).sum(1))
+    return counts, tokens
+
+
+def _packed_batch(rng: np.random.Generator, vocab: int, domains: list[int]) -> dict:
+    """Rows of 12 tokens: packed documents (positions restart per segment), padding (segment 0)."""
+    layouts = [[1] * 5 + [2] * 4 + [3] * 3, [1] * 7 + [0] * 5, [1] * 12, [0] * 12, [1] * 3 + [2] * 6 + [0] * 3]
+    segment_ids = np.array([layouts[i % len(layouts)] for i in range(len(domains))], np.int32)
+    positions = np.zeros_like(segment_ids)
+    for row in range(len(domains)):
+        for t in range(1, 12):
+            same = segment_ids[row, t] == segment_ids[row, t - 1]
+            positions[row, t] = positions[row, t - 1] + 1 if same else 0
+    return {"inputs": rng.integers(3, vocab, segment_ids.shape), "positions": positions,
+            "segment_ids": segment_ids, "domain": np.array(domains)}
+
+
+@pytest.mark.parametrize("cfg", [TINY_GEMMA.replace(layer_types=("local", "global", "local")), TINY_LLAMA],
+                         ids=["gemma3", "llama"])
+def test_activation_probabilities_equal_the_cut_decoder_reference(cfg):
+    decoder = random_model(cfg, seed=3)
     rng = np.random.default_rng(0)
-    batch = {"inputs": rng.integers(3, 300, (4, 8)), "positions": np.tile(np.arange(8), (4, 1)),
-             "segment_ids": np.ones((4, 8), np.int32), "domain": np.array([0, 1, 0, 1])}
-    batch["segment_ids"][3] = 0  # a padding row counts for nothing
-    probs, tokens = lape.activation_probabilities(decoder, [batch], 2)
-    np.testing.assert_array_equal(tokens, [16, 8])
-    assert probs.shape == (2, 2, 64)
-    assert np.all((probs >= 0) & (probs <= 1)) and 0.05 < probs.mean() < 0.95
-    # domain 1 has one real row of 8 tokens: probabilities are multiples of 1/8
-    np.testing.assert_allclose(probs[1] * 8, np.round(probs[1] * 8), atol=1e-9)
+    batches = [_packed_batch(rng, cfg.vocab_size, [0, 1, 2, 1, 0]), _packed_batch(rng, cfg.vocab_size, [2, 2, 0, 1, 1])]
+    probs, tokens = lape.activation_probabilities(decoder, batches, 3)
+    want_counts, want_tokens = _reference_counts(decoder, batches, 3)
+    # real tokens per domain, by hand from the layouts: 12 + 9 + 12 (domain 0), 7 + 0 + 0 + 9 (1), 12 + 12 + 7 (2)
+    np.testing.assert_array_equal(want_tokens, [33, 16, 31])
+    np.testing.assert_array_equal(tokens, want_tokens)
+    np.testing.assert_allclose(probs, want_counts / want_tokens[:, None, None], rtol=0, atol=1e-6)
+    assert probs.shape == (3, cfg.num_layers, cfg.d_ff) and 0.05 < probs.mean() < 0.95
+
+
+def test_activation_probabilities_reject_a_domain_without_tokens():
+    decoder = random_model(TINY_LLAMA)
+    batch = _packed_batch(np.random.default_rng(0), TINY_LLAMA.vocab_size, [0, 1, 0, 2])  # domain 2: a padding row
+    with pytest.raises(ValueError, match=r"domain\(s\) \[2\]"):
+        lape.activation_probabilities(decoder, [batch], 3)

@@ -11,9 +11,8 @@ For each set we compare the fraction the mask removes with random neuron sets of
 same size and count per layer (a layer-stratified permutation test, both tails) and give
 the effect (removed fraction minus chance) with the interval that inverts that test.
 
-Activations are read exactly without any capture hook: a copy of the decoder cut
-after layer l, whose last MLP is switched off (`neuron_scale` 0) and whose final norm
-is layer l's MLP norm, returns exactly the input of layer l's MLP.
+Activity is counted inside the decoder's own layer scan (`Decoder.gate_activity`): one
+forward per batch, reduced on the device to per-domain counts `[D, L, F]`.
 """
 
 from __future__ import annotations
@@ -28,55 +27,34 @@ from flax import nnx
 
 from sparsemem.evaluation import bootstrap  # Interval: the effect's interval and verdict
 from sparsemem.models.decoder import Decoder
-from sparsemem.models.hooks import Hooks
 
 log = logging.getLogger(__name__)
 
 
-def _cut(decoder: Decoder, depth: int) -> Decoder:
-    """The first `depth` layers of `decoder`, with layer depth-1's MLP norm as the final norm."""
-    cfg = decoder.cfg.replace(num_layers=depth, layer_types=decoder.cfg.layer_types[:depth])
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), dtype=decoder.dtype)))
-    full = nnx.to_pure_dict(nnx.state(decoder, nnx.Param))
-    pure = {"embed": full["embed"], "layers": {k: v[:depth] for k, v in full["layers"].items()},
-            "final_norm": full["layers"]["mlp_norm"][depth - 1]}
-    if "unembed" in full:
-        pure["unembed"] = full["unembed"]
-    nnx.replace_by_pure_dict(state, pure)
-    return nnx.merge(graphdef, state)
-
-
 @functools.partial(nnx.jit, static_argnames="num_domains")
-def _active_counts(cut: Decoder, w_gate: jax.Array, batch: dict, num_domains: int):
-    depth = cut.cfg.num_layers
-    off = jnp.ones((depth, cut.cfg.d_ff)).at[-1].set(0.0)
-    hidden, _ = cut(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"],
-                    hooks=Hooks(neuron_scale=off))
-    active = (jnp.einsum("btd,df->btf", hidden, w_gate.astype(hidden.dtype)) > 0).astype(jnp.float32)
-    real = (batch["segment_ids"] > 0).astype(jnp.float32)
-    per_row = jnp.einsum("btf,bt->bf", active, real)
-    return (jax.ops.segment_sum(per_row, batch["domain"], num_domains),
-            jax.ops.segment_sum(jnp.sum(real, 1), batch["domain"], num_domains))
+def _active_counts(decoder: Decoder, batch: dict, num_domains: int) -> tuple[jax.Array, jax.Array]:
+    """Per domain, `[D, L, F]` active-token counts and `[D]` real tokens of one batch."""
+    per_row = decoder.gate_activity(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+    real = jnp.sum(batch["segment_ids"] > 0, axis=1, dtype=jnp.int32)
+    return (jax.ops.segment_sum(jnp.moveaxis(per_row, 1, 0), batch["domain"], num_domains),
+            jax.ops.segment_sum(real, batch["domain"], num_domains))
 
 
 def activation_probabilities(decoder: Decoder, batches: list[dict], num_domains: int
                              ) -> tuple[np.ndarray, np.ndarray]:
     """`(P [D, L, F], tokens [D])`: per domain, the fraction of real tokens on which each MLP neuron is active.
 
-    Layer l runs a decoder cut after layer l, so the cost is about L/2 full forwards.
+    One forward per batch; `batches` hold `inputs`, `positions`, `segment_ids` (0: padding)
+    `[B, T]` and each row's `domain [B]`.
     """
     L, F = decoder.cfg.num_layers, decoder.cfg.d_ff
-    counts, tokens = np.zeros((num_domains, L, F)), np.zeros(num_domains)
-    w_gate = nnx.to_pure_dict(nnx.state(decoder, nnx.Param))["layers"]["w_gate"]
-    for layer in range(L):
-        cut = _cut(decoder, layer + 1)
-        for batch in batches:
-            batch = {k: jnp.asarray(v) for k, v in batch.items()}
-            c, t = jax.device_get(_active_counts(cut, w_gate[layer], batch, num_domains=num_domains))
-            counts[:, layer] += c
-            if layer == 0:
-                tokens += t
-        log.info("activation statistics: layer %d/%d", layer + 1, L)
+    counts, tokens = np.zeros((num_domains, L, F), np.int64), np.zeros(num_domains, np.int64)
+    for batch in batches:
+        c, t = jax.device_get(_active_counts(decoder, {k: jnp.asarray(v) for k, v in batch.items()},
+                                             num_domains=num_domains))
+        counts += c
+        tokens += t
+    log.info("activation statistics: %d batches, %s tokens per domain", len(batches), tokens.tolist())
     if np.any(tokens == 0):
         raise ValueError(f"no held-out tokens for domain(s) {np.flatnonzero(tokens == 0).tolist()}")
     return counts / tokens[:, None, None], tokens

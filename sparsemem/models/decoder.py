@@ -8,6 +8,7 @@ for `sparsemem.parallel`; the main activations are constrained by logical name.
 The same `__call__` serves training (packed sequences: `segment_ids` keep
 documents apart, `positions` restart per document) and cached generation (pass a
 `KVCache`: the new tokens are written at `cache.index` and attend to every filled slot).
+`gate_activity` runs the same blocks and returns per-layer MLP gate statistics instead.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from flax import nnx, struct
 
 from sparsemem.models import forward, layers
 from sparsemem.models.config import ModelConfig, layer_shapes
-from sparsemem.models.hooks import Hooks
+from sparsemem.models.hooks import Hooks, LayerHooks
 
 Remat = Literal["none", "full", "dots"]
 
@@ -134,6 +135,28 @@ class Decoder(nnx.Module):
         if cache is not None:
             cache = cache.replace(k=new_kv[0], v=new_kv[1], **inputs.advance(cache))
         return x, cache
+
+    def gate_activity(self, tokens: jax.Array, *, positions: jax.Array | None = None,
+                      segment_ids: jax.Array | None = None) -> jax.Array:
+        """`[L, B, F]` int32: per layer and row, on how many real tokens (segment > 0) each MLP
+        neuron's gate pre-activation is positive, from one forward without hooks.
+
+        What neuron statistics read (`sparsemem.analysis.lape`). The count is reduced inside
+        the layer scan, so nothing `[L, B, T, F]`-sized is kept. A method of its own rather than
+        an option of `__call__`, so the training and generation program stays as it is.
+        """
+        cfg, no_hooks = self.cfg, LayerHooks()
+        x, inputs = forward.prologue(cfg, self.embed[...], tokens, dtype=self.dtype, positions=positions,
+                                     segment_ids=segment_ids, cache=None)
+        real = (inputs.segment_ids > 0)[..., None]
+
+        def layer(x, xs):
+            weights, is_local = xs
+            x, _ = forward.attention(cfg, weights, x, inputs, is_local=is_local, hooks=no_hooks)
+            x, gate = forward.mlp(cfg, weights, x, hooks=no_hooks)
+            return x, jnp.sum((gate > 0) & real, axis=1, dtype=jnp.int32)
+
+        return jax.lax.scan(layer, x, (self.layers.weights(), jnp.asarray(cfg.is_local)))[1]
 
     def unembedding(self) -> jax.Array:
         """The `[V, d]` output projection (the embedding when tied)."""

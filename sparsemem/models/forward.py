@@ -2,8 +2,8 @@
 
 `prologue` runs once per forward: it embeds the tokens and computes what every block
 reads (`Inputs`: positions, attention masks, RoPE tables, the cache slot to write).
-`block` is one pre-norm block (attention + gated MLP) with a layer's hooks applied
-(`LayerHooks`). The stacked `Decoder` scans it over layers; the compacted decoder loops
+`block` is one pre-norm block (its halves `attention` and `mlp`) with a layer's hooks
+applied (`LayerHooks`). The stacked `Decoder` scans it over layers; the compacted decoder loops
 over blocks of different widths, so `block` reads every width from the weights it is
 given and skips a sub-block left with no units (the masked model adds exactly zero
 there).
@@ -140,28 +140,19 @@ def block(cfg: ModelConfig, weights: Mapping[str, jax.Array], x: jax.Array, inpu
     for ragged query groups, the KV head each query head reads (None: equal, ordered groups).
     Computes in `x.dtype`.
     """
-    w = {name: value.astype(x.dtype) for name, value in weights.items()}
-    norm = functools.partial(layers.rms_norm, eps=cfg.norm_eps, offset=cfg.norm_offset)
-    lora = hooks.lora.get
-    if w["wq"].shape[1]:  # query heads left
-        x, cache_kv = _attention(cfg, w, x, inputs, is_local, hooks, cache_kv, kv_of_head, norm)
-    if w["w_gate"].shape[1]:  # MLP neurons left
-        h = norm(x, w["mlp_norm"])
-        gate = project(h, w["w_gate"], lora("gate"))
-        inner = constrain(layers.activation(gate, cfg.activation) * project(h, w["w_up"], lora("up")),
-                          ("batch", "act_seq", "act_mlp"))
-        if hooks.neuron_scale is not None:
-            inner = inner * hooks.neuron_scale.astype(x.dtype)
-        mlp = project(inner, w["w_down"], lora("down"))
-        if cfg.post_norms:
-            mlp = norm(mlp, w["mlp_post_norm"])
-        x = constrain(x + mlp, ("batch", "act_seq", "act_embed"))
+    if weights["wq"].shape[1]:  # query heads left
+        x, cache_kv = attention(cfg, weights, x, inputs, is_local=is_local, hooks=hooks, cache_kv=cache_kv,
+                                kv_of_head=kv_of_head)
+    if weights["w_gate"].shape[1]:  # MLP neurons left
+        x, _ = mlp(cfg, weights, x, hooks=hooks)
     return x, cache_kv
 
 
-def _attention(cfg, w, x, inputs: Inputs, is_local, hooks: LayerHooks, cache_kv, kv_of_head, norm):
-    """The attention half of `block`: `x` plus attention, and the updated cache."""
-    lora = hooks.lora.get
+def attention(cfg: ModelConfig, weights: Mapping[str, jax.Array], x: jax.Array, inputs: Inputs, *,
+              is_local: bool | jax.Array, hooks: LayerHooks, cache_kv: tuple[jax.Array, jax.Array] | None = None,
+              kv_of_head: tuple[int, ...] | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """The attention half of `block` (same arguments): `x` plus attention, and the updated cache."""
+    w, norm, lora = _in_dtype(weights, x.dtype), _norm(cfg), hooks.lora.get
     mask, cos, sin = inputs.attention(is_local)
     h = norm(x, w["attn_norm"])
     q, k, v = (project(h, w[f"w{name}"], lora(name)) for name in ("q", "k", "v"))
@@ -188,3 +179,31 @@ def _attention(cfg, w, x, inputs: Inputs, is_local, hooks: LayerHooks, cache_kv,
     if cfg.post_norms:
         attn = norm(attn, w["attn_post_norm"])
     return constrain(x + attn, ("batch", "act_seq", "act_embed")), cache_kv
+
+
+def mlp(cfg: ModelConfig, weights: Mapping[str, jax.Array], x: jax.Array, *,
+        hooks: LayerHooks) -> tuple[jax.Array, jax.Array]:
+    """The MLP half of `block`: `x` plus the gated MLP, and the gate pre-activation `[B, T, F]`.
+
+    The gate pre-activation is what neuron statistics read (`Decoder.gate_activity`); `block`
+    drops it, so its compiled program is the same as with the MLP written inline.
+    """
+    w, norm, lora = _in_dtype(weights, x.dtype), _norm(cfg), hooks.lora.get
+    h = norm(x, w["mlp_norm"])
+    gate = project(h, w["w_gate"], lora("gate"))
+    inner = constrain(layers.activation(gate, cfg.activation) * project(h, w["w_up"], lora("up")),
+                      ("batch", "act_seq", "act_mlp"))
+    if hooks.neuron_scale is not None:
+        inner = inner * hooks.neuron_scale.astype(x.dtype)
+    out = project(inner, w["w_down"], lora("down"))
+    if cfg.post_norms:
+        out = norm(out, w["mlp_post_norm"])
+    return constrain(x + out, ("batch", "act_seq", "act_embed")), gate
+
+
+def _in_dtype(weights: Mapping[str, jax.Array], dtype) -> dict[str, jax.Array]:
+    return {name: value.astype(dtype) for name, value in weights.items()}
+
+
+def _norm(cfg: ModelConfig):
+    return functools.partial(layers.rms_norm, eps=cfg.norm_eps, offset=cfg.norm_offset)
