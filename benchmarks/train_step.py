@@ -100,7 +100,7 @@ def main():
     parser.add_argument("--slots", type=int, default=16, help="KV memory slots")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
     parser.add_argument("--lora-targets", default=ALL_PROJECTIONS)
-    parser.add_argument("--remat", default="none", help="comma-separated decoder remat policies (none, full, dots)")
+    parser.add_argument("--remat", default="dots", help="comma-separated decoder remat policies (none, full, dots)")
     parser.add_argument("--against", help="also time the KOFF step (first --domains) of this git revision")
     parser.add_argument("--no-baseline", action="store_true", help="skip the frozen forward+backward")
     parser.add_argument("--child", help=argparse.SUPPRESS)
