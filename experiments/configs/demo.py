@@ -2,19 +2,17 @@
 
 sparsemem run --config experiments/configs/demo.py
 
-Budget (<= 30 min on 2 cores), from the last measured demo (docs/experiments.md: ~6 s per
-4 x 128-token step, evaluation ~200 tokens/s):
-- training, 20 joint steps per variant: 7 variants with memory + prune_only = 8 x 20 x 6 s =
-  960 s; random_mask and score_mask train nothing (frozen mask, no memory); Taylor scores on
-  4 calibration batches ~ 20 s. About 16 min.
-- evaluation: 12 settings x 8 whole test pages per domain (~1.6k tokens per domain, ~6.5k
-  per setting: ~35 s each) ~ 7 min; memory swap 4 x 16 paragraphs per domain ~ 0.5 min;
-  multiple choice, 8 questions per domain and task for 2 settings (~26k tokens) ~ 2 min.
-- LAPE on 2,000 tokens per domain (one forward per token, 3.8 ms per token measured, 11x less
-  than the cut decoders of the 4.8 min below) ~ 0.5 min; setup ~ 0.5 min. Total ~ 27 min;
-  measured 30.0 min on the quiet machine at 9061361 (training 15.7, evaluation 9.5, LAPE 4.8
-  min), before evaluation rows became 1024-target windows (their quiet time is not measured
-  yet) and LAPE became one forward. Raise train.steps as the step gets faster.
+Budget (<= 30 min on 2 cores), measured on the quiet machine at 976ce3b: 28.1 min.
+- training, 20 joint steps per variant: 7 variants with memory + prune_only, ~4.5 s per
+  4 x 128-token step (1.28x the step at 9061361) plus compiles; random_mask and score_mask
+  train nothing (frozen mask, no memory); Taylor scores on 4 calibration batches 15 s.
+  Measured 11.0 min.
+- evaluation: 12 settings x 8 whole test pages per domain (8,966 targets in 1024-target
+  windows, 55-72 s per setting), memory swap 4 x 16 paragraphs per domain (~1 min), multiple
+  choice, 8 questions per domain and task for 2 settings (~1.5 min). Measured 16.1 min
+  (14.3 min in an earlier quiet run of the same evaluation).
+- LAPE on 2,000 tokens per domain (one forward per batch) 0.5 min; setup 0.5 min.
+The budget is spent: more steps or pages need a faster evaluation first.
 At this size the intervals are wide: the report's verdicts say so (most comparisons come
 out inconclusive); experiments/configs/koff_small.py is the GPU-sized run with the power
 (>= 1,000 questions per task, every test page, 50k LAPE tokens per language, 3 seeds).
