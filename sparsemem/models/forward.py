@@ -101,8 +101,7 @@ def prologue(cfg: ModelConfig, embed: jax.Array, tokens: jax.Array, *, dtype, po
         key_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32),
                                                     (0, cache.index))
     window = cfg.sliding_window if "local" in cfg.layer_types else None
-    masks = layers.attention_masks(q_index, segment_ids, key_segments, window)
-    global_mask, local_mask = masks
+    global_mask, local_mask = layers.attention_masks(q_index, segment_ids, key_segments, window)
     if memory_slots:
         global_mask = jnp.concatenate([jnp.ones((b, t, memory_slots), bool), global_mask], axis=2)
         if local_mask is not None:

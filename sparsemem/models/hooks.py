@@ -13,8 +13,9 @@ decoder can scan over layers.
   example, a prefix at positions `0..M-1`: global layers always attend to them,
   sliding-window layers while slot `j` is inside the window (`position - j < window`),
   exactly as they would to the prefix tokens. Memory keys are used exactly as given:
-  no RoPE is applied to them at attention time. Keys taken from the model's own KV cache (the default initialisation)
-  therefore carry the positions they were computed at, baked in.
+  no RoPE is applied to them at attention time. Keys taken from the model's own KV
+  cache (the default initialisation) therefore carry the positions they were computed
+  at, baked in.
 - `lora[name]`: an additive low-rank delta `x @ a @ b * scale` on projection `name`
   (one of `PROJECTIONS`), per example: `a [B, L, in, r]`, `b [B, L, r, out]` with
   the flat in/out sizes of that projection. The `down` and `o` deltas see the same
