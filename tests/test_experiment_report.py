@@ -1,5 +1,7 @@
 """Report tables from eval.json, including files written before translation questions existed."""
 
+import numpy as np
+
 from sparsemem.experiment import report
 
 RESULTS = {"domains": ["en-US", "de"], "settings": {"dense": "dense", "koff": "KOFF"}}
@@ -21,3 +23,28 @@ def test_eval_files_from_before_translation_questions_still_render():
     assert report.mc_sections(old) == report.mc_sections(
         {**RESULTS, "mc": {"continuation": ACCURACY}, "mc_questions_per_domain": {"continuation": 8}})
     assert "| KOFF | 1.000 | 0.750 | 0.875 |" in "\n".join(report.mc_sections(old))
+
+
+def _scored(loss: list[float]) -> dict:
+    """eval.json fields of a run that scored four documents (two per domain) with KOFF."""
+    documents = {"domain": [0, 0, 1, 1], "tokens": [10, 30, 20, 40]}
+    return {**RESULTS, "documents": documents, "document_loss": {"koff": {"loss": loss, "first": [0.0] * 4}}}
+
+
+def test_vs_first_run_is_a_paired_difference_over_the_same_documents():
+    rng = np.random.default_rng(0)
+    tokens = np.array([10, 30, 20, 40])
+    first = rng.uniform(1, 3, 4) * tokens
+    shifted = first + 0.25 * tokens  # 0.25 nats/token worse on every document: every resample says so
+    noisy = first + rng.normal(0, 0.5, 4) * tokens
+    got = report.vs_first_run([_scored(list(first)), _scored(list(shifted)), _scored(list(noisy))], resamples=200)
+    assert got[:2] == ["reference", "+0.250 [+0.250, +0.250]"]
+    per_domain = lambda loss: [loss[:2].sum() / 40, loss[2:].sum() / 60]  # noqa: E731
+    assert got[2].startswith(f"{np.mean(per_domain(noisy)) - np.mean(per_domain(first)):+.3f} [")
+
+
+def test_vs_first_run_refuses_runs_that_scored_other_documents():
+    other = _scored([1.0] * 4)
+    other["documents"] = {"domain": [0, 0, 1, 1], "tokens": [10, 30, 20, 41]}
+    assert report.vs_first_run([_scored([1.0] * 4), other]) == ["reference", "n/a (other documents)"]
+    assert report.vs_first_run([RESULTS, RESULTS]) == ["n/a", "n/a"]

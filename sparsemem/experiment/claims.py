@@ -40,7 +40,9 @@ def pruned_baseline(results: dict) -> str:
     return "pruned_retrained" if "pruned_retrained" in results["loss"] else "pruned"
 
 
-def _loss_statistics(results: dict) -> tuple[dict, np.ndarray]:
+def loss_statistics(results: dict) -> tuple[dict, np.ndarray]:
+    """`({setting: statistic}, strata)`: each setting's domain-mean loss on resampled documents (see
+    `bootstrap.domain_mean_loss`), and the documents' domains to stratify the resampling by."""
     docs = results["documents"]
     domain, tokens = np.asarray(docs["domain"]), np.asarray(docs["tokens"], float)
     D = len(results["domains"])
@@ -52,7 +54,7 @@ def loss_claims(results: dict, *, resamples: int = 2000, seed: int = 0) -> list[
     """Perplexity claims: pruning gap, recovery, LoRA + KV vs each alone, joint vs sequential, mask baselines."""
     if "document_loss" not in results:
         return []
-    loss, strata = _loss_statistics(results)
+    loss, strata = loss_statistics(results)
     label = results["settings"]
     base = pruned_baseline(results)
     out = []

@@ -31,7 +31,7 @@ def perplexity_table(results: dict) -> str:
     after_first = results.get("loss_after_first", {})
     vs_dense = {}
     if "document_loss" in results and "dense" in results["document_loss"]:
-        loss, strata = claims_lib._loss_statistics(results)
+        loss, strata = claims_lib.loss_statistics(results)
         vs_dense = {name: bootstrap.bootstrap(lambda idx, f=f: f(idx) - loss["dense"](idx), strata,
                                               resamples=1000) for name, f in loss.items() if name != "dense"}
     rows = [[results["settings"][name]] + [values[d] for d in domains] + [values["mean"]]
@@ -116,7 +116,8 @@ def _mean_sd(values: list[float]) -> str:
 
 def comparison_table(runs: list[RunDir]) -> str:
     """One row per run: sparsity, seeds, geo-mean perplexity per setting (mean +- sd across seeds), swap wins,
-    MC accuracy and the LAPE effect of KOFF's mask (seed 0) with its interval."""
+    MC accuracy, the LAPE effect of KOFF's mask (seed 0) with its interval, and KOFF's loss against the first
+    run's with a paired interval (`vs_first_run`)."""
     evals = [seed_evals(run) for run in runs]
     settings = list(dict.fromkeys(name for seeds in evals for name in seeds[0]["perplexity"]))
     accuracies = [[mc_by_task(results)[0] for results in seeds] for seeds in evals]
@@ -124,8 +125,10 @@ def comparison_table(runs: list[RunDir]) -> str:
     header = (["run", "sparsity", "seeds"] + [evals[0][0]["settings"].get(n, n) for n in settings]
               + ["own memory best"] + [f"MC {task} (KOFF)" for task in tasks]
               + ["LAPE: specific neurons removed vs chance (KOFF)"])
+    header.append("KOFF loss - first run [95% CI]")
+    vs_first = vs_first_run([seeds[0] for seeds in evals])
     rows = []
-    for run, seeds, accuracy in zip(runs, evals, accuracies):
+    for run, seeds, accuracy, difference in zip(runs, evals, accuracies, vs_first):
         analysis = run.read_json("analysis.json") or {"tests": {}}
         specific = analysis["tests"].get("koff", {}).get("specific", {}).get("effect")
         rows.append([run.path.name, run.config().koff.target_sparsity, len(seeds)]
@@ -134,8 +137,27 @@ def comparison_table(runs: list[RunDir]) -> str:
                     + [f"{seeds[0]['swap']['diagonal_wins']}/{len(seeds[0]['domains'])}"]
                     + [_mean_sd([a.get(task, {}).get("koff", {}).get("mean", float("nan")) for a in accuracy])
                        for task in tasks]
-                    + [str(bootstrap.Interval(**specific)) if specific else "n/a"])
+                    + [str(bootstrap.Interval(**specific)) if specific else "n/a", difference])
     return _table(header, rows)
+
+
+def vs_first_run(results: list[dict], setting: str = "koff", resamples: int = 2000) -> list[str]:
+    """Each run's `setting` loss minus the first run's (nats/token, seed 0), with a paired 95% interval over
+    the documents: the comparison a learning-rate sweep needs. Runs that scored other documents get "n/a"."""
+    first = results[0]
+    if "document_loss" not in first or setting not in first["document_loss"]:
+        return ["n/a"] * len(results)
+    reference, strata = claims_lib.loss_statistics(first)
+    out = ["reference"]
+    for other in results[1:]:
+        if (other.get("documents") != first["documents"] or other["domains"] != first["domains"]
+                or setting not in other.get("document_loss", {})):
+            out.append("n/a (other documents)")
+            continue
+        loss = claims_lib.loss_statistics(other)[0][setting]
+        out.append(str(bootstrap.bootstrap(lambda idx, f=loss: f(idx) - reference[setting](idx), strata,
+                                           resamples=resamples)))
+    return out
 
 
 def seeds_table(runs_results: list[dict]) -> str:
