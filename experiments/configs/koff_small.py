@@ -28,6 +28,8 @@ def get_config():
     c.koff.lora_rank = 8
     c.koff.lora_targets = ("q", "v", "o", "down")
     c.koff.warmup_fraction = 0.2
+    # Not tuned at this budget. Tune on validation first (docs/experiments.md, "Learning rates": at the
+    # demo's 20 steps, 1e-4 beat 1e-3 for the memories and memory training hardly beat the prefill).
     c.koff.gate_lr = 0.1
     c.koff.memory_lr = 1e-3
     c.train.steps = 600
