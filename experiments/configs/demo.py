@@ -2,7 +2,7 @@
 
 sparsemem run --config experiments/configs/demo.py
 
-Budget (<= 30 min on 2 cores), measured on a quiet machine: 21.6 min in session 7 (training 8.1,
+Budget (<= 30 min on 2 cores), measured on a quiet machine: 21.3 min at e2d3729 (training 8.1,
 evaluation 12.7 min); 28.1 min at 976ce3b on an earlier machine, the breakdown below.
 - training, 20 joint steps per variant: 7 variants with memory + prune_only, ~4.5 s per
   4 x 128-token step (1.28x the step at 9061361) plus compiles; random_mask and score_mask
