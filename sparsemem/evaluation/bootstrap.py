@@ -80,6 +80,11 @@ def bootstrap(statistic: Callable[[np.ndarray], float], strata: np.ndarray, *, r
     return Interval(estimate, float(low), float(high), level)
 
 
+def difference(a: Callable[[np.ndarray], float], b: Callable[[np.ndarray], float]) -> Callable[[np.ndarray], float]:
+    """Statistic `a - b` on the same resampled items: bootstrapping it gives a paired interval."""
+    return lambda idx: a(idx) - b(idx)
+
+
 def domain_mean_loss(loss: np.ndarray, tokens: np.ndarray, domain: np.ndarray, num_domains: int
                      ) -> Callable[[np.ndarray], float]:
     """Statistic: mean over domains of each domain's loss per token (nats), on the documents indexed.

@@ -64,7 +64,7 @@ def loss_claims(results: dict, *, resamples: int = 2000, seed: int = 0) -> list[
             out.append(Claim(text, statistic, bootstrap.bootstrap(fn, strata, resamples=resamples, seed=seed),
                              null, direction))
 
-    def diff(a, b):
+    def diff(a, b):  # looked up when resampled: `add` skips claims whose settings are missing
         return lambda idx: loss[a](idx) - loss[b](idx)
 
     def recovery(reference):
@@ -141,7 +141,7 @@ def mc_claims(results: dict, *, resamples: int = 2000, seed: int = 0) -> list[Cl
         acc_ref = mean_accuracy(np.asarray(correct[other], float), strata, D)
         out.append(Claim(f"KOFF beats {results['settings'][other]} at multiple choice ({task})",
                          f"accuracy(KOFF) - accuracy({results['settings'][other]})",
-                         bootstrap.bootstrap(lambda idx: acc_koff(idx) - acc_ref(idx), strata, resamples=resamples,
+                         bootstrap.bootstrap(bootstrap.difference(acc_koff, acc_ref), strata, resamples=resamples,
                                              seed=seed), 0.0, ">"))
     return out
 

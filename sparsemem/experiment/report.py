@@ -32,8 +32,8 @@ def perplexity_table(results: dict) -> str:
     vs_dense = {}
     if "document_loss" in results and "dense" in results["document_loss"]:
         loss, strata = claims_lib.loss_statistics(results)
-        vs_dense = {name: bootstrap.bootstrap(lambda idx, f=f: f(idx) - loss["dense"](idx), strata,
-                                              resamples=1000) for name, f in loss.items() if name != "dense"}
+        vs_dense = {name: bootstrap.bootstrap(bootstrap.difference(f, loss["dense"]), strata, resamples=1000)
+                    for name, f in loss.items() if name != "dense"}
     rows = [[results["settings"][name]] + [values[d] for d in domains] + [values["mean"]]
             + ([float(np.exp(after_first[name]["mean"]))] if after_first else [])
             + ([str(vs_dense[name]) if name in vs_dense else ""] if vs_dense else [])
@@ -124,8 +124,7 @@ def comparison_table(runs: list[RunDir]) -> str:
     tasks = list(dict.fromkeys(task for seeds in accuracies for task in seeds[0]))
     header = (["run", "sparsity", "seeds"] + [evals[0][0]["settings"].get(n, n) for n in settings]
               + ["own memory best"] + [f"MC {task} (KOFF)" for task in tasks]
-              + ["LAPE: specific neurons removed vs chance (KOFF)"])
-    header.append("KOFF loss - first run [95% CI]")
+              + ["LAPE: specific neurons removed vs chance (KOFF)", "KOFF loss - first run [95% CI]"])
     vs_first = vs_first_run([seeds[0] for seeds in evals])
     rows = []
     for run, seeds, accuracy, difference in zip(runs, evals, accuracies, vs_first):
@@ -155,7 +154,7 @@ def vs_first_run(results: list[dict], setting: str = "koff", resamples: int = 20
             out.append("n/a (other documents)")
             continue
         loss = claims_lib.loss_statistics(other)[0][setting]
-        out.append(str(bootstrap.bootstrap(lambda idx, f=loss: f(idx) - reference[setting](idx), strata,
+        out.append(str(bootstrap.bootstrap(bootstrap.difference(loss, reference[setting]), strata,
                                            resamples=resamples)))
     return out
 
