@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
+from sparsemem.koff import gates as gates_lib
 from sparsemem.models.hooks import PROJECTIONS
 
 
@@ -14,7 +15,7 @@ class KoffConfig:
 
     num_domains: int
     # Sparsity constraint: the target is reached linearly over the first
-    # `warmup_fraction * total_steps` steps and measured over `sparsity_over` params.
+    # `warmup_fraction * gate_steps` steps and measured over `sparsity_over` params.
     target_sparsity: float = 0.12
     sparsity_over: Literal["prunable", "all"] = "prunable"
     total_steps: int = 1000
@@ -23,9 +24,22 @@ class KoffConfig:
     # is frozen to the deterministic top-k at the target and only the memory trains under it
     # (prune, then retrain: the memory learns to compensate for exactly the units removed).
     gate_fraction: float = 1.0
+    # Whether the memories take part while the gates train. False is prune-then-memory: the gate
+    # steps learn the mask without memories, the steps after them train only the memories under it.
+    joint: bool = True
     block_gates: bool = False  # also gate whole attention / MLP blocks per layer
     init_keep_prob: float = 0.99  # P(unit kept) at initialisation: "almost surely kept"
     init_jitter: float = 0.01  # std of random noise on the initial log_alpha (no two units start tied)
+    # Where the gates start (sparsemem/koff/importance.py): "uniform", every unit at `init_keep_prob`
+    # plus jitter; or "importance", log_alpha spread by each unit's rank in a one-shot Taylor score
+    # (the score mask's, on the same calibration batches) over `importance_spread`, centred on the
+    # uniform start. Its deterministic mask is the score mask, so learning moves from a good mask
+    # instead of from a tie.
+    gate_init: Literal["uniform", "importance"] = "uniform"
+    importance_spread: float = 4.0
+    # Independent hard-concrete samples per step; example i of a batch uses sample i % gate_samples
+    # (more samples lower the variance of the gates' gradient at no extra matmul cost).
+    gate_samples: int = 1
     # How the expected sparsity follows its schedule (sparsemem/koff/controller.py, docs/experiments.md):
     # "projection" shifts each unit type's log_alpha after every gate step so it is exactly on
     # target; "lagrangian" adds the multiplier penalty to the gates' gradient (Louizos et al.).
@@ -84,6 +98,20 @@ class KoffConfig:
             problems.append(f"polarise_fraction={self.polarise_fraction} must be in [0, 1]")
         if self.polarise_growth < 1.0:
             problems.append(f"polarise_growth={self.polarise_growth} must be >= 1")
+        if self.gate_init not in ("uniform", "importance"):
+            problems.append(f"gate_init={self.gate_init!r} must be 'uniform' or 'importance'")
+        top = gates_lib.log_alpha_for(self.init_keep_prob) + self.importance_spread / 2
+        if not (self.importance_spread > 0 and top <= self.log_alpha_clamp + 1e-6):
+            problems.append(f"importance_spread={self.importance_spread} must be > 0 and put the best unit's start "
+                            f"({top:.2f}) inside log_alpha_clamp={self.log_alpha_clamp}, or the clamp ties the "
+                            "units' order")
+        if self.gate_samples < 1:
+            problems.append(f"gate_samples={self.gate_samples} must be >= 1")
+        if self.gate_lr < 0:
+            problems.append(f"gate_lr={self.gate_lr} must be >= 0 (0: the gates stay at their start)")
+        if not self.joint and self.gate_fraction == 1.0 and self.has_memory:
+            problems.append("joint=False trains the memories only after the gate steps; set gate_fraction < 1 "
+                            "(e.g. 0.5: half the steps prune, half train the memories)")
         if self.init_jitter < 0:
             problems.append(f"init_jitter={self.init_jitter} must be >= 0")
         if self.memory_slots < 0 or self.lora_rank < 0:
@@ -106,11 +134,15 @@ class KoffConfig:
 
     @property
     def warmup_steps(self) -> int:
-        return int(round(self.warmup_fraction * self.total_steps))
+        """Gate steps over which the sparsity target ramps up."""
+        return int(round(self.warmup_fraction * self.gate_steps))
 
     @property
     def gate_steps(self) -> int:
-        """Steps in which the gates train (at least 1); the mask is frozen after them."""
+        """Steps in which the gates train; the mask is frozen after them. None at `gate_lr` 0 (frozen gates:
+        every step trains the memories under the starting gates' deterministic mask)."""
+        if self.gate_lr == 0:
+            return 0
         return max(1, int(round(self.gate_fraction * self.total_steps)))
 
     @property

@@ -89,14 +89,14 @@ class Gates(nnx.Module):
 def scales(z: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     """Per-unit multipliers `(head_scale [L, H], neuron_scale [L, F])` from gate values or masks.
 
-    `z` maps gate names (`head`, `neuron`, optional `attn`, `mlp`) to values;
-    block gates multiply every unit of their block.
+    `z` maps gate names (`head`, `neuron`, optional `attn`, `mlp`) to values, with any leading
+    axes (stacked samples); block gates multiply every unit of their block.
     """
     head, neuron = z["head"], z["neuron"]
     if "attn" in z:
-        head = head * z["attn"][:, None]
+        head = head * z["attn"][..., None]
     if "mlp" in z:
-        neuron = neuron * z["mlp"][:, None]
+        neuron = neuron * z["mlp"][..., None]
     return head, neuron
 
 

@@ -173,7 +173,7 @@ def attention(cfg: ModelConfig, weights: Mapping[str, jax.Array], x: jax.Array, 
         k, v = jnp.take(k, index, axis=2), jnp.take(v, index, axis=2)
     ctx = layers.attend(q, k, v, mask, cfg.attn_scale)
     if hooks.head_scale is not None:
-        ctx = ctx * hooks.head_scale.astype(x.dtype)[:, None]
+        ctx = ctx * _unit_scale(hooks.head_scale, x.dtype)[..., None]
     attn = project(ctx, w["wo"], lora("o"), in_axes=2)
     if cfg.post_norms:
         attn = norm(attn, w["attn_post_norm"])
@@ -193,11 +193,17 @@ def mlp(cfg: ModelConfig, weights: Mapping[str, jax.Array], x: jax.Array, *,
     inner = constrain(layers.activation(gate, cfg.activation) * project(h, w["w_up"], lora("up")),
                       ("batch", "act_seq", "act_mlp"))
     if hooks.neuron_scale is not None:
-        inner = inner * hooks.neuron_scale.astype(x.dtype)
+        inner = inner * _unit_scale(hooks.neuron_scale, x.dtype)
     out = project(inner, w["w_down"], lora("down"))
     if cfg.post_norms:
         out = norm(out, w["mlp_post_norm"])
     return constrain(x + out, ("batch", "act_seq", "act_embed")), gate
+
+
+def _unit_scale(scale: jax.Array, dtype) -> jax.Array:
+    """A head or neuron scale `[U]`, or per example `[B, U]`, broadcastable against `[B, T, U]` activations."""
+    scale = scale.astype(dtype)
+    return scale[:, None, :] if scale.ndim == 2 else scale
 
 
 def _in_dtype(weights: Mapping[str, jax.Array], dtype) -> dict[str, jax.Array]:

@@ -5,10 +5,10 @@ value whose fields are all optional; a field left as `None` costs nothing (the
 corresponding branch is not traced). Every field has a leading layer axis so the
 decoder can scan over layers.
 
-- `head_scale [L, H]`: multiplies each query head's context vector before `o_proj`
-  (pruning gate or mask of attention heads).
-- `neuron_scale [L, F]`: multiplies each MLP neuron `act(gate) * up` before
-  `down_proj` (pruning gate or mask of MLP neurons).
+- `head_scale [L, H]` or per example `[B, L, H]`: multiplies each query head's context
+  vector before `o_proj` (pruning gate or mask of attention heads).
+- `neuron_scale [L, F]` or per example `[B, L, F]`: multiplies each MLP neuron
+  `act(gate) * up` before `down_proj` (pruning gate or mask of MLP neurons).
 - `memory_k`, `memory_v [B, L, M, Hkv, Dh]`: extra key/value slots per layer and
   example, a prefix at positions `0..M-1`: global layers always attend to them,
   sliding-window layers while slot `j` is inside the window (`position - j < window`),
@@ -82,7 +82,11 @@ class Hooks:
         def layer_first(x):
             return None if x is None else jax.numpy.moveaxis(x, 1, 0)
 
-        return LayerHooks(head_scale=self.head_scale, neuron_scale=self.neuron_scale,
+        def scale_layer_first(x):  # [L, U] stays; per example [B, L, U] -> [L, B, U]
+            return layer_first(x) if x is not None and x.ndim == 3 else x
+
+        return LayerHooks(head_scale=scale_layer_first(self.head_scale),
+                          neuron_scale=scale_layer_first(self.neuron_scale),
                           memory_k=layer_first(self.memory_k), memory_v=layer_first(self.memory_v),
                           lora={name: LoRADelta(layer_first(d.a), layer_first(d.b), d.scale)
                                 for name, d in self.lora.items()})
@@ -92,7 +96,7 @@ class Hooks:
 class LayerHooks:
     """The hooks of one layer, as a block applies them: `Hooks` without the layer axis.
 
-    `head_scale [H]`, `neuron_scale [F]`, `memory_k/v [B, M, Hkv, Dh]`, `lora[name]` with
+    `head_scale [H]` or `[B, H]`, `neuron_scale [F]` or `[B, F]`, `memory_k/v [B, M, Hkv, Dh]`, `lora[name]` with
     `a [B, in, r]`, `b [B, r, out]`; all optional.
     """
 

@@ -16,7 +16,10 @@ Batches carry text positions from 0; the steps move them past the memory slots
 After `kcfg.gate_steps` the step is the *memory step*: the deterministic mask at the
 target replaces the gate sample, and gates and multipliers stay fixed. A trainer given a
 `fixed_mask` takes only memory steps, under that mask (baselines whose mask comes from
-elsewhere: another variant's, a random or a score-based one, or all ones).
+elsewhere: a random or a score-based one, or all ones). With `kcfg.joint` False the gate
+steps run without memories (prune, then train the memories under the frozen mask). With
+`kcfg.gate_init = "importance"` the gates start ordered by `unit_scores`
+(`koff/importance.py`); `gate_samples > 1` gives each example one of that many gate samples.
 The backbone (`train.sharded_backbone.ShardedBackbone`: weights, mesh, rules, batch
 placement) is an argument of the step, never donated, never differentiated.
 """
@@ -36,6 +39,7 @@ from jax.sharding import Mesh
 from sparsemem.koff import gates as gates_lib
 from sparsemem.koff import controller, rowsparse, sparsity
 from sparsemem.koff.config import KoffConfig
+from sparsemem.koff.importance import importance_log_alphas
 from sparsemem.koff.memory import distinct_rows, gather_rows, hooks_from_rows, prefill_kv, scatter_rows
 from sparsemem.koff.module import Koff, split
 from sparsemem.models.decoder import Decoder
@@ -87,7 +91,14 @@ class KoffTrainer:
     """
 
     def __init__(self, decoder: Decoder, kcfg: KoffConfig, mesh: Mesh | None = None, rules=None,
-                 fixed_mask: Mapping[str, np.ndarray] | None = None):
+                 fixed_mask: Mapping[str, np.ndarray] | None = None,
+                 unit_scores: Mapping[str, np.ndarray] | None = None):
+        """`unit_scores` (`{"head": [L, H], "neuron": [L, F]}`, e.g. `baselines.taylor_scores`) order the
+        importance start; required with `kcfg.gate_init = "importance"`, refused otherwise."""
+        if (kcfg.gate_init == "importance") != (unit_scores is not None):
+            raise ValueError(f"gate_init={kcfg.gate_init!r} " + ("needs unit_scores (a one-shot importance score "
+                             "per head and neuron, e.g. baselines.taylor_scores)" if unit_scores is None else
+                             "takes no unit_scores; set gate_init='importance' to start from them"))
         self.cfg = decoder.cfg
         self.kcfg = kcfg
         self.backbone = ShardedBackbone(decoder, mesh, rules, dtype=kcfg.compute_dtype, remat=kcfg.remat)
@@ -98,7 +109,10 @@ class KoffTrainer:
         adam = controller.array_adam if kcfg.controller == "projection" else optax.adam
         self.gate_tx = adam(kcfg.gate_lr, b1=kcfg.adam_b1, b2=kcfg.adam_b2, eps=kcfg.adam_eps)
         self.lambda_tx = optax.sgd(kcfg.lambda_lr)  # fed negated gradients: ascent
-        self.start_sparsity = controller.initial_sparsity(self.cfg, kcfg)  # where the target ramp starts
+        self.start_log_alphas = None if unit_scores is None else importance_log_alphas(self.cfg, kcfg, unit_scores)
+        self.start_sparsity = (  # where the target ramp starts
+            controller.initial_sparsity(self.cfg, kcfg) if self.start_log_alphas is None else
+            float(sparsity.expected_sparsity(self.cfg, self.start_log_alphas, kcfg.sparsity_over)))
 
         rep = self.backbone.replicated
         abstract = jax.eval_shape(self._fresh_state)
@@ -122,8 +136,12 @@ class KoffTrainer:
             memory_opt=rowsparse.init(memory, self.kcfg.num_domains))
 
     def init(self, domain_tokens: np.ndarray | None = None) -> TrainState:
-        """A fresh state on the mesh; KV memory from the frozen model's cache over `domain_tokens [D, M]`."""
+        """A fresh state on the mesh; KV memory from the frozen model's cache over `domain_tokens [D, M]`,
+        gates at the importance start when the trainer has `unit_scores`."""
         state = self._init()
+        if self.start_log_alphas is not None:
+            state = state.replace(gates=jax.device_put({**state.gates, **self.start_log_alphas},
+                                                       self.state_shardings.gates))
         if self.kcfg.memory_init == "prefill" and self.kcfg.memory_slots:
             k, v = self._prefill(domain_tokens, self.kcfg.num_domains)
             state = state.replace(memory={**state.memory, "k": jax.device_put(k, self.state_shardings.memory["k"]),
@@ -191,11 +209,21 @@ class KoffTrainer:
         kl = token_kl(decoder, jax.lax.stop_gradient(ref), hidden, chunk_size=self.kcfg.loss_chunk)
         return ce, jnp.sum(kl * mask, 1)
 
-    def _micro_batches(self, batch, inv):
-        """`[A, B/A, ...]` micro-batches; example i goes to micro-batch i % A so data sharding is kept."""
+    def _split(self, x: jax.Array) -> jax.Array:
+        """`[B, ...]` -> `[A, B/A, ...]`: example i goes to micro-batch i % A, so data sharding is kept."""
         a = self.kcfg.accum_steps
-        split_ = lambda x: jnp.swapaxes(x.reshape((x.shape[0] // a, a) + x.shape[1:]), 0, 1)  # noqa: E731
-        return jax.tree.map(split_, {k: batch[k] for k in TOKEN_KEYS}), split_(inv), split_(batch["domain"])
+        return jnp.swapaxes(x.reshape((x.shape[0] // a, a) + x.shape[1:]), 0, 1)
+
+    def _micro_batches(self, batch, inv):
+        """`[A, B/A, ...]` micro-batches of the token arrays and of each example's memory row (`_split`)."""
+        return jax.tree.map(self._split, {k: batch[k] for k in TOKEN_KEYS}), self._split(inv)
+
+    def _gate_sample(self, log_alphas, key):
+        """One hard-concrete sample of every gate array, or `[S, ...]` stacked samples for `gate_samples` S > 1."""
+        samples = self.kcfg.gate_samples
+        if samples == 1:
+            return gates_lib.sample_all(log_alphas, key)
+        return jax.vmap(gates_lib.sample_all, in_axes=(None, 0))(log_alphas, jax.random.split(key, samples))
 
     # -- train step -----------------------------------------------------------
     def _final_masks(self, log_alphas, target=None):
@@ -219,27 +247,31 @@ class KoffTrainer:
         batch = after_memory(batch, kcfg.memory_slots)
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         slots, inv = distinct_rows(batch["domain"], D)
-        rows = gather_rows(state.memory, slots)
-        micro, micro_inv, _ = self._micro_batches(batch, inv)
+        with_memory = kcfg.joint or not train_gates  # prune-then-memory: no memories while the gates train
+        rows = gather_rows(state.memory, slots) if with_memory else {}
+        micro, micro_inv = self._micro_batches(batch, inv)
+        sample_of = self._split(jnp.arange(batch["inputs"].shape[0]) % kcfg.gate_samples)  # each example's sample
         with_kl = kcfg.kl_weight > 0
         frozen_masks = None if train_gates else self._final_masks(state.gates)  # a constant: no gate gradients
 
-        def micro_loss(log_alphas, rows, mb, mb_inv, key):
-            z = gates_lib.sample_all(log_alphas, key) if train_gates else frozen_masks
-            ce, kl = self._loss_sums(decoder, gates_lib.scales(z), rows, mb_inv, mb, with_kl)
+        def micro_loss(log_alphas, rows, mb, mb_inv, mb_sample, key):
+            scales = gates_lib.scales(self._gate_sample(log_alphas, key) if train_gates else frozen_masks)
+            if train_gates and kcfg.gate_samples > 1:
+                scales = tuple(s[mb_sample] for s in scales)  # [S, L, U] -> per example [b, L, U]
+            ce, kl = self._loss_sums(decoder, scales, rows, mb_inv, mb, with_kl)
             return jnp.sum(ce) + kcfg.kl_weight * jnp.sum(kl), (ce, kl)
 
         grad_fn = jax.grad(micro_loss, argnums=(0, 1), has_aux=True)
 
         def accumulate(carry, xs):
             g_gates, g_rows = carry
-            mb, mb_inv = xs
-            (dg, dr), aux = grad_fn(state.gates, rows, mb, mb_inv, key)
+            mb, mb_inv, mb_sample = xs
+            (dg, dr), aux = grad_fn(state.gates, rows, mb, mb_inv, mb_sample, key)
             return (jax.tree.map(jnp.add, g_gates, dg), jax.tree.map(jnp.add, g_rows, dr)), aux
 
         zeros = (jax.tree.map(jnp.zeros_like, state.gates), jax.tree.map(jnp.zeros_like, rows))
         (g_gates, g_rows), (ce, kl) = jax.lax.scan(
-            accumulate, zeros, (micro, micro_inv))
+            accumulate, zeros, (micro, micro_inv, sample_of))
         ce, kl = ce.T.reshape(-1), kl.T.reshape(-1)  # back to batch order
         tokens_per_example = jnp.sum(batch["loss_mask"], 1)
         num_tokens = jnp.maximum(jnp.sum(tokens_per_example), 1.0)
@@ -257,12 +289,14 @@ class KoffTrainer:
             lag, gates, gate_opt, multipliers, lambda_opt = (
                 jnp.zeros(()), state.gates, state.gate_opt, state.multipliers, state.lambda_opt)
             keep = frozen_masks
-        new_rows, row_opt = rowsparse.update(g_rows, rowsparse.gather(state.memory_opt, slots), rows,
-                                             lr=kcfg.memory_lr, b1=kcfg.adam_b1, b2=kcfg.adam_b2, eps=kcfg.adam_eps)
+        memory, memory_opt = state.memory, state.memory_opt
+        if with_memory and rows:
+            new_rows, row_opt = rowsparse.update(g_rows, rowsparse.gather(memory_opt, slots), rows, lr=kcfg.memory_lr,
+                                                 b1=kcfg.adam_b1, b2=kcfg.adam_b2, eps=kcfg.adam_eps)
+            memory, memory_opt = scatter_rows(memory, slots, new_rows), rowsparse.scatter(memory_opt, slots, row_opt)
         new_state = state.replace(
             step=state.step + 1, gates=gates, multipliers=multipliers, gate_opt=gate_opt, lambda_opt=lambda_opt,
-            memory=scatter_rows(state.memory, slots, new_rows),
-            memory_opt=rowsparse.scatter(state.memory_opt, slots, row_opt))
+            memory=memory, memory_opt=memory_opt)
 
         remaining = sparsity.remaining_params(self.cfg, keep)
         metrics = {
