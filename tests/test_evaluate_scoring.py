@@ -110,7 +110,7 @@ def test_settings_use_retrained_ablations_when_trained():
     assert "pruned_retrained" not in jointly
     assert jointly["pruned_lora"].memory == "koff" and jointly["pruned_lora"].parts == ("lora",)
     alone = settings_lib.resolve(("koff", "prune_only", "lora_only", "kv_only"))
-    needs_own_variant = ("prune_then_memory",) + tuple(settings_lib.SETTINGS[8:])  # the ablation and the baselines
+    needs_own_variant = ("prune_then_memory",) + tuple(settings_lib.SETTINGS[8:])  # the ablation, starts, baselines
     assert list(alone) == [s for s in settings_lib.SETTINGS if s not in needs_own_variant]
     assert alone["dense_memory"].mask is None and alone["dense_memory"].memory == "koff"
     every = settings_lib.resolve(config_lib.VARIANTS)
@@ -119,5 +119,9 @@ def test_settings_use_retrained_ablations_when_trained():
     assert every["random_mask"].memory is None and every["score_mask_memory"].memory == "score_mask_memory"
     assert alone["pruned_kv"].mask == "kv_only" and alone["pruned_kv"].memory == "kv_only"
     assert alone["pruned_retrained"].memory is None
+    assert list(settings_lib.resolve(config_lib.VARIANTS, ("dense", "score_mask"))) == ["dense", "koff",
+                                                                                         "score_mask"]
+    with pytest.raises(ValueError, match="unknown settings"):
+        settings_lib.resolve(("koff",), ("kof",))
     table = {"k": 1, "v": 2, "q_a": 3, "q_b": 4}
     assert settings_lib.memory_parts(table, ("lora",)) == {"q_a": 3, "q_b": 4}

@@ -39,7 +39,9 @@ def test_override_parses_types_and_promotes_int_to_float():
     ("koff.lora_targets=('q', 'x')", "unknown lora_targets ['x']"),
     ("koff.gate_fraction=0", "gate_fraction=0.0 must be in (0, 1]"),
     ("eval.mc_tasks=('summary',)", "unknown tasks ['summary']"),
-    ("train.variants=('koff', 'prune_then_memory', 'prune_only')", "'prune_only' must come before it"),
+    ("koff.gate_init=best", "gate_init='best' must be 'uniform' or 'importance'"),
+    ("koff.importance_spread=8.0", "importance_spread=8.0 must be > 0"),
+    ("eval.settings=('kof',)", "unknown settings ['kof']"),
     ("koff.controller=pid", "controller='pid' must be 'projection' or 'lagrangian'"),
     ("koff.log_alpha_clamp=3.0", "log_alpha_clamp=3.0 must be > 4"),
 ])

@@ -21,8 +21,8 @@ def get_config():
     c.koff.lora_targets = ("q", "down")
     c.koff.loss_chunk = 256
     c.train.steps = 4
-    c.train.variants = ("koff", "prune_only", "prune_then_memory", "lora_only", "kv_only", "dense_memory", "random_mask",
-                        "random_mask_memory", "score_mask", "score_mask_memory")
+    c.train.variants = ("koff", "koff_importance", "prune_only", "prune_then_memory", "lora_only", "kv_only",
+                        "dense_memory", "random_mask", "random_mask_memory", "score_mask", "score_mask_memory")
     c.train.seeds = 2  # exercises the seed sub-runs and mean +- sd
     c.train.calibration_batches = 2
     c.train.save_every = 2

@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 
 SETTINGS = ("dense", "dense_memory", "pruned", "pruned_retrained", "pruned_lora", "pruned_kv", "prune_then_memory", "koff",
-            "random_mask", "random_mask_memory", "score_mask", "score_mask_memory")
-# Baseline variants evaluated as themselves (their own mask and memory): label.
-_BASELINES = {"random_mask": "random mask, no memories", "random_mask_memory": "random mask + memories",
-              "score_mask": "Taylor-score mask, no memories", "score_mask_memory": "Taylor-score mask + memories"}
+            "koff_uniform", "koff_importance", "random_mask", "random_mask_memory", "score_mask", "score_mask_memory")
+# Variants evaluated as themselves (their own mask and memory): label.
+_AS_TRAINED = {"koff_uniform": "KOFF, uniform gate start", "koff_importance": "KOFF, importance gate start",
+               "random_mask": "random mask, no memories", "random_mask_memory": "random mask + memories",
+               "score_mask": "Taylor-score mask, no memories", "score_mask_memory": "Taylor-score mask + memories"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,8 +27,17 @@ class Setting:
     parts: tuple[str, ...] = ("kv", "lora")  # memory components used
 
 
-def resolve(variants: tuple[str, ...] | list[str]) -> dict[str, Setting]:
-    """The settings computable from the trained `variants`, in `SETTINGS` order."""
+def resolve(variants: tuple[str, ...] | list[str], only: tuple[str, ...] | list[str] = ()) -> dict[str, Setting]:
+    """The settings computable from the trained `variants`, in `SETTINGS` order (those in `only`, if given;
+    "koff" always: the memory swap reads it)."""
+    settings = _computable(variants)
+    unknown = sorted(set(only) - set(SETTINGS))
+    if unknown:
+        raise ValueError(f"eval.settings names unknown settings {unknown}; choose from {SETTINGS}")
+    return {name: s for name, s in settings.items() if not only or name in only or name == "koff"}
+
+
+def _computable(variants: tuple[str, ...] | list[str]) -> dict[str, Setting]:
     out = {
         "dense": Setting("dense", "dense", None, None),
         "dense_memory": (Setting("dense_memory", "dense + memories (trained unpruned)", "dense_memory", "dense_memory")
@@ -47,9 +57,9 @@ def resolve(variants: tuple[str, ...] | list[str]) -> dict[str, Setting]:
         out["prune_then_memory"] = Setting("prune_then_memory", "pruned first, then LoRA + KV on that mask",
                                            "prune_then_memory", "prune_then_memory")
     out["koff"] = Setting("koff", "pruned + LoRA + KV memory (KOFF)", "koff", "koff")
-    for name, label in _BASELINES.items():
+    for name, label in _AS_TRAINED.items():
         if name in variants:
-            out[name] = Setting(name, label, name, name if name.endswith("_memory") else None)
+            out[name] = Setting(name, label, name, None if name in ("random_mask", "score_mask") else name)
     return out
 
 

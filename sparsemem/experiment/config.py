@@ -32,10 +32,13 @@ VARIANTS = {
     "random_mask_memory": {},
     "score_mask": _NO_MEMORY,
     "score_mask_memory": {},
-    "prune_then_memory": {},  # sequential ablation: memories trained under the final mask of MASK_FROM's variant
+    # Sequential ablation in KOFF's budget: the first half of the steps train the gates without memories,
+    # the second half only the memories under the mask they froze to.
+    "prune_then_memory": {"joint": False, "gate_fraction": 0.5},
+    # KOFF from a fixed start whatever `koff.gate_init` says: the study's comparison of the two starts.
+    "koff_uniform": {"gate_init": "uniform"},
+    "koff_importance": {"gate_init": "importance"},
 }
-# Variants that train only their memories, under the final mask of another variant (trained before them).
-MASK_FROM = {"prune_then_memory": "prune_only"}
 # A variant's mask: "gates" (its own, trained), "dense" (all ones: memories on the unpruned model),
 # "random" (random structured mask at the target) or "score" (Taylor gate scores on calibration
 # batches; sparsemem/koff/baselines.py). A fixed mask trains only the memory; without memory, nothing.
@@ -49,7 +52,7 @@ def mask_source(variant: str) -> str:
 
 def trains_gates(variant: str) -> bool:
     """Whether `variant` learns its own mask (the others train, if anything, only memory under a fixed one)."""
-    return variant not in MASK_FROM and mask_source(variant) == "gates"
+    return mask_source(variant) == "gates"
 # KoffConfig fields the experiment derives itself.
 _DERIVED_KOFF = ("num_domains", "total_steps")
 
@@ -101,6 +104,7 @@ def defaults() -> ml_collections.ConfigDict:
         mc_prompt_tokens=24,
         mc_continuation_tokens=16,
         mc_settings=("dense", "pruned", "pruned_retrained", "koff"),
+        settings=(),  # settings scored for perplexity (sparsemem/evaluation/settings.py); () = every computable one
     )
     c.analysis = dict(
         enabled=True,
@@ -109,6 +113,9 @@ def defaults() -> ml_collections.ConfigDict:
         min_activation_quantile=0.5,  # neurons whose max activation prob. is below this quantile are not candidates
         permutations=1000,
     )
+    # `sparsemem study` (sparsemem/experiment/study.py): the experiment at each of these training budgets
+    # (train.steps) x train.seeds seeds, one report; () for a plain `sparsemem run`.
+    c.study = dict(budgets=())
     # Devices per mesh axis (their product is the number of devices used); `distributed` calls
     # jax.distributed.initialize() first (multi-host TPU slices).
     c.mesh = dict(data=1, fsdp=1, model=1, distributed=False)
@@ -232,14 +239,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     unknown = sorted(set(c.train.variants) - set(VARIANTS))
     if unknown or "koff" not in c.train.variants:
         problems.append(f"train.variants={tuple(c.train.variants)} must include 'koff' and only {sorted(VARIANTS)}")
-    variants = list(c.train.variants)
-    for variant, source in MASK_FROM.items():
-        if variant in variants and (source not in variants or variants.index(source) > variants.index(variant)):
-            problems.append(f"train.variants: {variant!r} trains on {source!r}'s mask, so {source!r} must come "
-                            "before it")
     bad = sorted(set(c.eval.mc_settings) - set(SETTINGS))
     if bad:
         problems.append(f"eval.mc_settings has unknown settings {bad}; choose from {sorted(SETTINGS)}")
+    bad = sorted(set(c.eval.settings) - set(SETTINGS))
+    if bad:
+        problems.append(f"eval.settings has unknown settings {bad}; choose from {sorted(SETTINGS)}")
     bad = sorted(set(c.eval.mc_tasks) - set(TASKS))
     if bad:
         problems.append(f"eval.mc_tasks has unknown tasks {bad}; choose from {TASKS}")
@@ -251,6 +256,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 "analysis.tokens", "analysis.permutations", "mesh.data", "mesh.fsdp", "mesh.model"):
         if flatten(c)[key] < 1:
             problems.append(f"{key}={flatten(c)[key]} must be >= 1")
+    if any(not isinstance(b, int) or b < 1 for b in c.study.budgets):
+        problems.append(f"study.budgets={tuple(c.study.budgets)} must be training step counts >= 1")
     if c.train.save_every < 0:
         problems.append(f"train.save_every={c.train.save_every} must be >= 0 (0: save only at the end)")
     if not 0 <= c.eval.context <= c.eval.seq_len - 2:

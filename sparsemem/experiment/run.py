@@ -26,7 +26,7 @@ from sparsemem.evaluation import multiple_choice, settings as settings_lib, suit
 from sparsemem.evaluation.scoring import Scorer
 from sparsemem.experiment import setup
 from sparsemem.evaluation.documents import document_batches
-from sparsemem.experiment.config import MASK_FROM, koff_config, mask_source
+from sparsemem.experiment.config import koff_config, mask_source
 from sparsemem.experiment.controller_report import mask_gap, save_controller
 from sparsemem.experiment.variant_files import export_variant, load_mask, load_npz, save_npz
 from sparsemem.experiment.metrics import MetricsLog
@@ -79,16 +79,12 @@ def _train_variant(run: RunDir, config, trainer: KoffTrainer, variant: str, corp
     return state
 
 
-def _fixed_mask(run: RunDir, config, variant: str, trainer: KoffTrainer, corpus: setup.Corpus, tokenizer,
-                masks: dict[str, dict[str, np.ndarray]]):
+def _fixed_mask(run: RunDir, config, variant: str, trainer: KoffTrainer, corpus: setup.Corpus, tokenizer):
     """The mask a variant trains under when it does not train its own gates (else None).
 
-    `MASK_FROM` variants take the final mask of a variant trained before them (`masks`).
     Random and score masks are written to `baselines/<source>_mask.npz` once, so a resumed
     run trains under exactly the same mask.
     """
-    if variant in MASK_FROM:
-        return masks[MASK_FROM[variant]]
     source = mask_source(variant)
     cfg, k = trainer.cfg, config.koff
     if source == "gates":
@@ -101,15 +97,41 @@ def _fixed_mask(run: RunDir, config, variant: str, trainer: KoffTrainer, corpus:
     if source == "random":
         mask = baselines.random_mask(cfg, k.target_sparsity, k.sparsity_over, seed=config.data.seed)
     else:
-        batches = pipeline.train_batches(corpus.train, tokenizer, seq_len=config.data.seq_len,
-                                         batch_size=config.data.batch_size,
-                                         seed=config.data.seed + 1)  # training text, not the training order
-        with Timer(run, "score_mask"):
-            scores = baselines.taylor_scores(trainer, itertools.islice(batches, config.train.calibration_batches))
-        mask = baselines.masks_from_scores(cfg, scores, k.target_sparsity, k.sparsity_over)
+        mask = baselines.masks_from_scores(cfg, _taylor_scores(run, config, trainer, corpus, tokenizer),
+                                           k.target_sparsity, k.sparsity_over)
     if run.primary:  # every process computed the same mask (the score mask's batches span all of them)
         save_npz(run.file("baselines", path.name), mask)  # atomic: a resumed run never reads half a mask
     return mask
+
+
+def _taylor_scores(run: RunDir, config, trainer: KoffTrainer, corpus: setup.Corpus, tokenizer
+                   ) -> dict[str, np.ndarray]:
+    """The one-shot Taylor scores of every head and neuron (`baselines.taylor_scores`), computed once per run on
+    `train.calibration_batches` training batches and kept in `baselines/taylor_scores.npz`: the score mask and
+    the importance start of the gates read the same scores."""
+    path = run.path / "baselines" / "taylor_scores.npz"
+    if path.exists():
+        return load_npz(path)
+    batches = pipeline.train_batches(corpus.train, tokenizer, seq_len=config.data.seq_len,
+                                     batch_size=config.data.batch_size,
+                                     seed=config.data.seed + 1)  # training text, not the training order
+    with Timer(run, "taylor_scores"):
+        scores = baselines.taylor_scores(trainer, itertools.islice(batches, config.train.calibration_batches))
+    if run.primary:
+        save_npz(run.file("baselines", path.name), scores)
+    return scores
+
+
+def _trainer(run: RunDir, config, variant: str, decoder, mesh, corpus: setup.Corpus, tokenizer) -> KoffTrainer:
+    """The trainer of `variant`: under its fixed mask if it has one, its gates at the importance start if asked."""
+    kcfg = koff_config(config, len(corpus.names), variant)
+    plain = KoffTrainer(decoder, kcfg.replace(gate_init="uniform"), mesh)  # what masks and scores are computed with
+    fixed = _fixed_mask(run, config, variant, plain, corpus, tokenizer)
+    if fixed is not None:
+        return KoffTrainer(decoder, kcfg, mesh, fixed_mask=fixed)
+    if kcfg.gate_init == "importance":
+        return KoffTrainer(decoder, kcfg, mesh, unit_scores=_taylor_scores(run, config, plain, corpus, tokenizer))
+    return plain
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | None = None) -> RunDir:
@@ -153,20 +175,16 @@ def seed_config(config: ml_collections.ConfigDict, k: int) -> ml_collections.Con
 
 
 def _run_phases(run: RunDir, config, mesh, decoder, tokenizer, corpus: setup.Corpus) -> None:
-    names, D = corpus.names, len(corpus.names)
+    names = corpus.names
     trainers, masks, tables, lora_scales = {}, {}, {}, {}
     probe = list(itertools.islice(_held_out_batches(config, corpus, tokenizer), 2))  # sampled vs deterministic mask
     for variant in config.train.variants:
-        kcfg = koff_config(config, D, variant)
-        trainer = KoffTrainer(decoder, kcfg, mesh)
-        fixed = _fixed_mask(run, config, variant, trainer, corpus, tokenizer, masks)
-        if fixed is not None:
-            trainer = KoffTrainer(decoder, kcfg, mesh, fixed_mask=fixed)
+        trainer = _trainer(run, config, variant, decoder, mesh, corpus, tokenizer)
         with Timer(run, f"train_{variant}"):
             state = _train_variant(run, config, trainer, variant, corpus, tokenizer)
         masks[variant] = export_variant(run, variant, trainer, state, names)
         tables[variant] = state.memory
-        lora_scales[variant] = kcfg.lora_scale
+        lora_scales[variant] = trainer.kcfg.lora_scale
         gates = jax.device_get(state.gates)
         gap = None if trainer.fixed_mask is not None else mask_gap(  # no gates to sample under a fixed mask
             Scorer.for_trainer(trainer), gates, masks[variant], state.memory or None, lora_scales[variant], probe,
@@ -218,8 +236,8 @@ def _evaluate(config, trainer, corpus, tokenizer, masks, tables, lora_scales) ->
                 aligned_ids, source=0, separator=separator, pages=page_ids, **sizes)
         elif "translation" in e.mc_tasks:
             log.warning("skipping translation questions: corpus %s is not aligned across domains", config.data.corpus)
-    return suite.evaluate(Scorer.for_trainer(trainer), settings_lib.resolve(config.train.variants),
-                          domains=corpus.names, documents=documents, paragraphs=paragraphs, masks=masks, tables=tables,
+    settings = settings_lib.resolve(config.train.variants, config.eval.settings)
+    return suite.evaluate(Scorer.for_trainer(trainer), settings, domains=corpus.names, documents=documents, paragraphs=paragraphs, masks=masks, tables=tables,
                           lora_scales=lora_scales, questions=questions, mc_settings=e.mc_settings,
                           batch_size=e.batch_size, pad_id=tokenizer.pad_id, first_position=slots)
 
