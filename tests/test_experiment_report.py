@@ -12,7 +12,7 @@ def test_multiple_choice_sections_per_task_with_na_for_missing_domains():
     translation = {"dense": {"en-US": float("nan"), "de": 1.0, "mean": 1.0}}
     results = {**RESULTS, "mc": {"continuation": ACCURACY, "translation": translation},
                "mc_questions_per_domain": {"continuation": 8, "translation": 6}}
-    text = "\n".join(report.mc_sections(results))
+    text = "\n".join(report.mc_sections(results, 200))
     assert "## Multiple choice: continuation" in text and "8 questions per domain" in text
     assert "## Multiple choice: translation (true translation of a en-US paragraph" in text
     assert "| dense | n/a | 1.000 | 1.000 |" in text
@@ -20,9 +20,9 @@ def test_multiple_choice_sections_per_task_with_na_for_missing_domains():
 
 def test_eval_files_from_before_translation_questions_still_render():
     old = {**RESULTS, "mc": ACCURACY, "mc_questions_per_domain": 8}
-    assert report.mc_sections(old) == report.mc_sections(
-        {**RESULTS, "mc": {"continuation": ACCURACY}, "mc_questions_per_domain": {"continuation": 8}})
-    assert "| KOFF | 1.000 | 0.750 | 0.875 |" in "\n".join(report.mc_sections(old))
+    assert report.mc_sections(old, 200) == report.mc_sections(
+        {**RESULTS, "mc": {"continuation": ACCURACY}, "mc_questions_per_domain": {"continuation": 8}}, 200)
+    assert "| KOFF | 1.000 | 0.750 | 0.875 |" in "\n".join(report.mc_sections(old, 200))
 
 
 def _scored(loss: list[float]) -> dict:
@@ -46,5 +46,5 @@ def test_vs_first_run_is_a_paired_difference_over_the_same_documents():
 def test_vs_first_run_refuses_runs_that_scored_other_documents():
     other = _scored([1.0] * 4)
     other["documents"] = {"domain": [0, 0, 1, 1], "tokens": [10, 30, 20, 41]}
-    assert report.vs_first_run([_scored([1.0] * 4), other]) == ["reference", "n/a (other documents)"]
-    assert report.vs_first_run([RESULTS, RESULTS]) == ["n/a", "n/a"]
+    assert report.vs_first_run([_scored([1.0] * 4), other], resamples=200) == ["reference", "n/a (other documents)"]
+    assert report.vs_first_run([RESULTS, RESULTS], resamples=200) == ["n/a", "n/a"]

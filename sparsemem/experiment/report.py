@@ -24,7 +24,7 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def perplexity_table(results: dict) -> str:
+def perplexity_table(results: dict, resamples: int) -> str:
     """Perplexity per setting and domain; with per-document losses also the geo. mean without the first
     target after BOS and the loss vs dense with its paired 95% interval (nats/token)."""
     domains = results["domains"]
@@ -32,7 +32,7 @@ def perplexity_table(results: dict) -> str:
     vs_dense = {}
     if "document_loss" in results and "dense" in results["document_loss"]:
         loss, strata = claims_lib.loss_statistics(results)
-        vs_dense = {name: bootstrap.bootstrap(bootstrap.difference(f, loss["dense"]), strata, resamples=1000)
+        vs_dense = {name: bootstrap.bootstrap(bootstrap.difference(f, loss["dense"]), strata, resamples=resamples)
                     for name, f in loss.items() if name != "dense"}
     rows = [[results["settings"][name]] + [values[d] for d in domains] + [values["mean"]]
             + ([float(np.exp(after_first[name]["mean"]))] if after_first else [])
@@ -44,9 +44,24 @@ def perplexity_table(results: dict) -> str:
 
 
 def claims_table(claims: list) -> str:
-    """The paper's claims with the statistic, its 95% interval and the verdict."""
-    return _table(["claim", "statistic", "estimate [95% CI]", "verdict"],
-                  [[c.text, c.statistic, str(c.interval), f"**{c.verdict}**"] for c in claims])
+    """The claims with the statistic, its 95% interval, its own verdict and the Holm-adjusted one; resamples on
+    which a statistic was not finite are counted under the table."""
+    def adjusted(c):
+        return ("n/a", "n/a") if c.adjusted_p is None else (f"{c.adjusted_p:.3g}", f"**{c.adjusted_verdict}**")
+
+    table = _table(["claim", "statistic", "estimate [95% CI]", "verdict", "Holm-adjusted p", "adjusted verdict"],
+                   [[c.text, c.statistic, str(c.interval), c.verdict, *adjusted(c)] for c in claims])
+    tested = [c for c in claims if c.interval.p_value is not None]
+    floor = min((2 * len(tested) / (c.interval.resamples + 1) for c in tested if c.interval.resamples), default=0.0)
+    if floor >= 0.05:
+        table += (f"\n\nHolm cannot decide any claim here: too few resamples (the smallest p-value a bootstrap of "
+                  f"R resamples gives is 2/(R+1), times {len(tested)} claims is {floor:.3f} >= 0.05); raise "
+                  "eval.resamples.")
+    dropped = [f"{c.text}: {c.interval.dropped} of {c.interval.resamples}" for c in claims if c.interval.dropped]
+    if dropped:
+        table += "\n\nResamples left out because the statistic was not finite (a vanishing denominator): " + "; ".join(
+            dropped) + "."
+    return table
 
 
 def swap_table(results: dict) -> str:
@@ -70,7 +85,7 @@ def mc_by_task(results: dict) -> tuple[dict, dict]:
     return results["mc"], count
 
 
-def mc_table(results: dict, task: str) -> str:
+def mc_table(results: dict, task: str, resamples: int) -> str:
     """Accuracy per setting and domain; with per-question results also the mean's 95% interval."""
     domains = results["domains"]
     correct = results.get("mc_correct", {}).get(task, {})
@@ -78,7 +93,7 @@ def mc_table(results: dict, task: str) -> str:
 
     def interval(name):
         mean = claims_lib.mean_accuracy(np.asarray(correct[name], float), strata, len(domains))
-        iv = bootstrap.bootstrap(mean, strata, resamples=1000)
+        iv = bootstrap.bootstrap(mean, strata, resamples=resamples)
         return f"[{iv.low:.3f}, {iv.high:.3f}]"
 
     rows = [[results["settings"][name]] + [values[d] for d in domains] + [values["mean"]]
@@ -87,14 +102,14 @@ def mc_table(results: dict, task: str) -> str:
     return _table(["setting"] + domains + ["mean"] + (["95% CI"] if correct else []), rows)
 
 
-def mc_sections(results: dict) -> list[str]:
+def mc_sections(results: dict, resamples: int) -> list[str]:
     """One heading and accuracy table per multiple-choice task."""
     out = []
     accuracy, count = mc_by_task(results)
     for task in accuracy:
         title = MC_TITLES[task].format(source=results["domains"][0])
         out += ["", f"## Multiple choice: {task} ({title}; {count[task]} questions per domain; accuracy, "
-                "chance 0.25)", "", mc_table(results, task)]
+                "chance 0.25)", "", mc_table(results, task, resamples)]
     return out
 
 
@@ -125,7 +140,7 @@ def comparison_table(runs: list[RunDir]) -> str:
     header = (["run", "sparsity", "seeds"] + [evals[0][0]["settings"].get(n, n) for n in settings]
               + ["own memory best"] + [f"MC {task} (KOFF)" for task in tasks]
               + ["LAPE: specific neurons removed vs chance (KOFF)", "KOFF loss - first run [95% CI]"])
-    vs_first = vs_first_run([seeds[0] for seeds in evals])
+    vs_first = vs_first_run([seeds[0] for seeds in evals], resamples=runs[0].config().eval.resamples)
     rows = []
     for run, seeds, accuracy, difference in zip(runs, evals, accuracies, vs_first):
         analysis = run.read_json("analysis.json") or {"tests": {}}
@@ -140,7 +155,7 @@ def comparison_table(runs: list[RunDir]) -> str:
     return _table(header, rows)
 
 
-def vs_first_run(results: list[dict], setting: str = "koff", resamples: int = 2000) -> list[str]:
+def vs_first_run(results: list[dict], setting: str = "koff", *, resamples: int) -> list[str]:
     """Each run's `setting` loss minus the first run's (nats/token, seed 0), with a paired 95% interval over
     the documents: the comparison a learning-rate sweep needs. Runs that scored other documents get "n/a"."""
     first = results[0]
@@ -335,23 +350,25 @@ def write_report(run: RunDir) -> str:
     out += controller_section(run, config.train.variants, metrics, plots)
     if results:
         unit = config.data.unit if config.data.corpus == "libreoffice_help" else "document"
-        claims = claims_lib.all_claims(results, analysis, resamples=config.eval.resamples)
-        out += ["", f"## The paper's claims ({config.eval.split} split; paired bootstrap 95% intervals over documents, "
-                f"{config.eval.resamples} resamples)", "", claims_table(claims) if claims else "(no per-document "
+        every_seed = seed_evals(run)
+        claims = claims_lib.all_claims(every_seed, analysis, resamples=config.eval.resamples)
+        over = f"{len(every_seed)} seeds x documents" if len(every_seed) > 1 else "documents"
+        out += ["", f"## The paper's claims ({config.eval.split} split; paired bootstrap 95% intervals over {over}, "
+                f"{config.eval.resamples} resamples; Holm-adjusted over the {len(claims)} claims)", "",
+                claims_table(claims) if claims else "(no per-document "
                 "results in this eval.json)",
                 "", f"## Held-out perplexity ({config.eval.split} split, up to {config.eval.documents} {unit}s per "
-                "domain)", "", perplexity_table(results)]
+                "domain)", "", perplexity_table(results, config.eval.resamples)]
         if "position_loss" in results:
             plot_positions(results, plots / "positions.png")
             out += ["", "![loss by position](plots/positions.png)"]
-        every_seed = seed_evals(run)
         if len(every_seed) > 1:
             out += ["", f"## Across seeds ({len(every_seed)} seeds: data order, initialisation, random mask)", "",
                     seeds_table(every_seed)]
         out += ["", f"## Memory swap (perplexity of text j with memory i; KOFF mask; up to {config.eval.paragraphs} "
                 "aligned paragraphs per domain)", "", swap_table(results), "", "![memory swap](plots/swap.png)"]
         plot_swap(results, plots / "swap.png")
-        out += mc_sections(results)
+        out += mc_sections(results, config.eval.resamples)
     if analysis and "tokens" in analysis:
         rows = [[v, name, t["neurons"], t["removed_among_chosen"], t["removed_among_all"], t["chance_mean"],
                  t["p_removed"], t["p_kept"], str(bootstrap.Interval(**t["effect"]))]
