@@ -1,9 +1,10 @@
-"""`sparsemem run`, `analyze`, `compare`, `export`, `extend` and `route` (each imports its stack when it runs)."""
+"""`sparsemem run`, `study`, `analyze`, `compare`, `export`, `extend` and `route` (each imports its stack when it runs)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 
 from sparsemem.cli import EXIT_PREEMPTED
@@ -15,26 +16,54 @@ def _quiet_libraries() -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO
 
 
-def _run(args: argparse.Namespace) -> int:
-    _quiet_libraries()
+def _preemptible(work) -> int:
+    """Run `work()`; SIGTERM (also outside training, whose own handler saves a checkpoint first) ends it with
+    `EXIT_PREEMPTED`, on which launch scripts rerun the same command to resume."""
     from sparsemem.experiment import run as run_lib  # noqa: PLC0415 (imports jax)
-    from sparsemem.experiment.config import apply_overrides, load_config  # noqa: PLC0415
 
-    config = apply_overrides(load_config(args.config), args.set or [])
-
-    def stop(signum, frame):  # training installs its own handler, which saves a checkpoint first
+    def stop(signum, frame):
         raise run_lib.Interrupted("stopped on SIGTERM outside training; finished phases are kept, rerun the same "
                                   "command to resume")
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
-        run_lib.run(config, args.workdir)
+        work()
     except run_lib.Interrupted as stopped:
         log.warning("%s", stopped)
-        return EXIT_PREEMPTED  # launch scripts rerun the command on this status
+        return EXIT_PREEMPTED
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _config(args: argparse.Namespace):
+    from sparsemem.experiment.config import apply_overrides, load_config  # noqa: PLC0415
+
+    return apply_overrides(load_config(args.config), args.set or [])
+
+
+def _run(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from sparsemem.experiment import run as run_lib  # noqa: PLC0415 (imports jax)
+
+    config = _config(args)
+    return _preemptible(lambda: run_lib.run(config, args.workdir))
+
+
+def _study(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from sparsemem.experiment import run as run_lib, study  # noqa: PLC0415 (imports jax)
+
+    config = _config(args)
+    workdir = args.workdir or run_lib.default_workdir(config)
+    if args.report_only:
+        study.cells(config)  # refuses a config without budgets
+        study.write_report(config, workdir)
+        status = 0
+    else:
+        status = _preemptible(lambda: study.run_study(config, workdir))
+    print(os.path.join(workdir, "study.md"))
+    return status
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -106,6 +135,14 @@ def register(subparsers) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value, e.g. --set koff.target_sparsity=0.06 (repeatable)")
     p.set_defaults(func=_run)
+    p = subparsers.add_parser("study", help="an experiment at several training budgets x seeds, one report with "
+                                            "intervals over seeds and documents (resumable)")
+    p.add_argument("--config", required=True, help="experiments/configs/<name>.py with study.budgets")
+    p.add_argument("--workdir", default=None, help="study directory (default: runs/<config name>)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    p.add_argument("--report-only", action="store_true",
+                   help="only (re)write study.md from the finished cells, e.g. while the study runs")
+    p.set_defaults(func=_study)
     p = subparsers.add_parser("analyze", help="LAPE neuron specialisation vs the mask of a finished run")
     p.add_argument("--workdir", required=True, help="the run directory")
     p.set_defaults(func=_analyze)
