@@ -87,6 +87,7 @@ def _extend(args: argparse.Namespace) -> int:
 def _route(args: argparse.Namespace) -> int:
     from sparsemem.checkpoints.memory_module import ModuleMismatchError  # noqa: PLC0415
     from sparsemem.experiment import route as route_lib  # noqa: PLC0415
+    from sparsemem.experiment.report import routing_tables  # noqa: PLC0415
     from sparsemem.serve.routing import RoutingError  # noqa: PLC0415
 
     lengths = tuple(int(n) for n in args.lengths.split(","))
@@ -95,7 +96,7 @@ def _route(args: argparse.Namespace) -> int:
                                      args.continuation, args.batch_size)
     except (RoutingError, ModuleMismatchError, FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
-    print(route_lib.tables(result))
+    print(routing_tables(result))
     return 0
 
 
