@@ -12,7 +12,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-# docs/design.md, "Layers", top to bottom; `cli`, `files` and `tokenizer` are helpers outside them.
+# docs/design.md, "Layers", top to bottom; `cli`, `files`, `progress` and `tokenizer` are helpers outside them.
 LAYERS = ("scale", "experiment", "analysis", "evaluation", "serve", "data", "train", "checkpoints", "koff", "models",
           "parallel")
 

@@ -105,7 +105,8 @@ def register(subparsers) -> None:
     p.add_argument("--config", required=True, help="experiments/configs/<name>.py")
     p.add_argument("--workdir", default=None, help="run directory (default: runs/<config name>)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set koff.target_sparsity=0.06 (repeatable)")
+                   help="override a config value, e.g. --set koff.target_sparsity=0.06 or, as with ml_collections' "
+                        "config_flags, --config.koff.target_sparsity=0.06 (repeatable)")
     p.set_defaults(func=_run)
     p = subparsers.add_parser("analyze", help="LAPE neuron specialisation vs the mask of a finished run")
     p.add_argument("--workdir", required=True, help="the run directory")
