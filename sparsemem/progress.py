@@ -44,7 +44,8 @@ def _log_lines(items: Iterable[T], desc: str, unit: str, every_s: float) -> Iter
         if now - last >= every_s:
             log.info("%s: %d%s %s, %.0f s", desc, done, total, unit, now - start)
             last = now
-    log.info("%s: %d%s %s, done in %.1f s", desc, done, total, unit, time.monotonic() - start)
+    if time.monotonic() - start >= every_s:  # a loop shorter than the period leaves no line
+        log.info("%s: %d%s %s, done in %.1f s", desc, done, total, unit, time.monotonic() - start)
 
 
 def tfds_bars() -> None:

@@ -24,12 +24,19 @@ def test_off_a_terminal_every_item_passes_and_the_log_gets_plain_lines(monkeypat
     assert not any("\r" in line for line in lines)
 
 
-def test_off_a_terminal_lines_wait_for_the_period_and_work_without_a_length(monkeypatch, caplog):
+def test_off_a_terminal_a_loop_shorter_than_the_period_leaves_no_line(monkeypatch, caplog):
     monkeypatch.setattr("sys.stderr", io.StringIO())
     with caplog.at_level(logging.INFO, logger="sparsemem.progress"):
         items = list(progress_lib.progress((i for i in range(5)), "Parsing", "pages", every_s=3600.0))
     assert items == list(range(5))
-    assert [r.getMessage().split(", done")[0] for r in caplog.records] == ["Parsing: 5 pages"]
+    assert caplog.records == []
+
+
+def test_off_a_terminal_an_iterable_without_a_length_counts_without_a_total(monkeypatch, caplog):
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    with caplog.at_level(logging.INFO, logger="sparsemem.progress"):
+        list(progress_lib.progress((i for i in range(2)), "Parsing", "pages", every_s=0.0))
+    assert [r.getMessage() for r in caplog.records][:2] == ["Parsing: 1 pages, 0 s", "Parsing: 2 pages, 0 s"]
 
 
 def test_on_a_terminal_it_is_a_tqdm_bar(monkeypatch):
