@@ -35,6 +35,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def config_flags_as_set(argv: list[str]) -> list[str]:
+    """`--config.train.steps=20` and `--config.train.steps 20` (the `ml_collections.config_flags` spelling that
+    big_vision and MaxText users type) as `--set train.steps=20`; every other argument unchanged."""
+    out, args = [], iter(argv)
+    for arg in args:
+        if not arg.startswith("--config."):
+            out.append(arg)
+            continue
+        key, sep, value = arg.removeprefix("--config.").partition("=")
+        value = value if sep else next(args, None)
+        out += ["--set", key if value is None else f"{key}={value}"]  # no value: `--set` names the problem
+    return out
+
+
 def use_compilation_cache() -> None:
     """Keep compiled XLA programs on disk, so a resumed run, the next seed or a restarted server loads
     them instead of compiling again: `$JAX_COMPILATION_CACHE_DIR` if set, else `<cache>/xla` under
@@ -50,7 +64,7 @@ def use_compilation_cache() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(config_flags_as_set(sys.argv[1:] if argv is None else argv))
     use_compilation_cache()
     if args.debug:
         return int(args.func(args) or 0)

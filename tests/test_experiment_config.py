@@ -5,6 +5,7 @@ import pathlib
 
 import pytest
 
+from sparsemem import cli
 from sparsemem.experiment import config as config_lib
 from sparsemem.experiment.rundir import RunDir
 
@@ -27,6 +28,23 @@ def test_override_parses_types_and_promotes_int_to_float():
     assert tuple(config.data.languages) == ("en-US", "de")
     assert config.name == "x"
     assert base.train.steps != 7  # the base is not modified
+
+
+def test_config_flags_spelling_is_the_same_override_as_set():
+    argv = ["run", "--config", str(CONFIGS / "ci.py"), "--config.train.steps=20", "--config.koff.target_sparsity",
+            "0.06", "--set", "eval.documents=2", "--workdir", "runs/x"]
+    rewritten = cli.config_flags_as_set(argv)
+    assert rewritten == ["run", "--config", str(CONFIGS / "ci.py"), "--set", "train.steps=20", "--set",
+                         "koff.target_sparsity=0.06", "--set", "eval.documents=2", "--workdir", "runs/x"]
+    args = cli.build_parser().parse_args(rewritten)
+    config = config_lib.apply_overrides(config_lib.load_config(args.config), args.set)
+    assert (config.train.steps, config.koff.target_sparsity, config.eval.documents) == (20, 0.06, 2)
+
+
+def test_a_config_flag_without_a_value_is_refused_naming_it():
+    args = cli.build_parser().parse_args(cli.config_flags_as_set(["run", "--config", "c.py", "--config.train.steps"]))
+    with pytest.raises(ValueError, match="override 'train.steps' is not KEY=VALUE"):
+        config_lib.apply_overrides(config_lib.load_config(CONFIGS / "ci.py"), args.set)
 
 
 @pytest.mark.parametrize("override, message", [

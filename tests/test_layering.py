@@ -1,4 +1,5 @@
-"""The layers of docs/design.md hold: no module imports a layer above its own, lazy imports included.
+"""The layers of docs/design.md hold and imports run one way: no module imports a layer above its own or reaches
+itself, lazy imports included.
 
 The import graph is read from the source (every `import` statement, at any depth), so a
 function-level import that only runs for some command is caught as well.
@@ -11,7 +12,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-# docs/design.md, "Layers", top to bottom; `cli`, `files` and `tokenizer` are helpers outside them.
+# docs/design.md, "Layers", top to bottom; `cli`, `files`, `progress` and `tokenizer` are helpers outside them.
 LAYERS = ("scale", "experiment", "analysis", "evaluation", "serve", "data", "train", "checkpoints", "koff", "models",
           "parallel")
 
@@ -82,3 +83,34 @@ def test_serving_never_reaches_the_experiment_runner_or_training(forbidden):
                 chain.append(parent[chain[-1]])
             chains.append(" <- ".join(chain))
     assert not chains, f"serving reaches {forbidden}:\n" + "\n".join(chains[:10])
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One cycle of `graph` (depth-first search; a module met again on the current path closes it), or []."""
+    state: dict[str, str] = {}  # "open" while on the path, "done" after
+
+    def visit(module: str, path: list[str]) -> list[str]:
+        state[module] = "open"
+        for target in sorted(graph.get(module, ())):
+            if state.get(target) == "open":
+                return path[path.index(target):] + [target]
+            if target not in state and (found := visit(target, path + [target])):
+                return found
+        state[module] = "done"
+        return []
+
+    for module in sorted(graph):
+        if module not in state and (found := visit(module, [module])):
+            return found
+    return []
+
+
+def test_the_cycle_finder_finds_a_cycle_and_only_a_cycle():
+    assert _cycle({"d": {"a"}, "a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_imports_run_one_way():
+    """No module reaches itself through imports (function-level ones included): every package reads bottom-up."""
+    cycle = _cycle(GRAPH)
+    assert not cycle, "import cycle: " + " -> ".join(cycle)

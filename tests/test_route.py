@@ -11,7 +11,8 @@ from sparsemem.koff.memory import hooks_from_rows
 from sparsemem.models.hooks import Hooks
 from sparsemem.models.layers import segment_positions
 from sparsemem.models.loss import token_cross_entropy
-from sparsemem.experiment.route import evaluate_routing, tables
+from sparsemem.experiment.report import routing_tables
+from sparsemem.experiment.route import evaluate_routing
 from sparsemem.serve import routing
 from sparsemem.serve.deploy import Deployment, centroid_router
 from sparsemem.serve.export_folder import export
@@ -146,4 +147,4 @@ def test_route_evaluation_on_a_separable_case(exported):
             np.testing.assert_allclose(result["swap"][t][m], np.exp(nll.sum() / (segments[:, 1:] > 0).sum()),
                                        rtol=1e-5)
     assert 0 < result["cost"]["centroid_share"] and result["cost"]["generated_tokens"] == 64
-    assert "| centroid | 100.0% | 100.0% |" in tables(result)
+    assert "| centroid | 100.0% | 100.0% |" in routing_tables(result)

@@ -23,6 +23,7 @@ import numpy as np
 
 from sparsemem.checkpoints.gguf_tokenizer import sentencepiece_bpe
 from sparsemem.models.config import ModelConfig, preset, to_hf_config
+from sparsemem.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +118,10 @@ def gemma3_state_dict(reader, cfg: ModelConfig) -> dict[str, np.ndarray]:
     Gemma's q/k projections need no RoPE permutation (llama.cpp only permutes Llama's).
     """
     from gguf.quants import dequantize  # callers got `reader` from gguf, so it is installed
-    from tqdm import tqdm
 
     expected = _expected_shapes(cfg)
     weights: dict[str, np.ndarray] = {}
-    for t in tqdm(reader.tensors, desc="dequantising GGUF tensors", unit="tensor", leave=False):
+    for t in progress(reader.tensors, "dequantising GGUF tensors", "tensors"):
         name = _hf_name(t.name)
         array = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
         array = array.reshape(tuple(int(d) for d in reversed(t.shape)))

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
-import tqdm
 
 from sparsemem.data import debian_packages, help_pages, paragraph_filters, splits
+from sparsemem.progress import progress, tfds_bars
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,7 @@ def read_pages(tree: Path, *, reference: dict[str, list] | None, dropped: collec
     """Natural-language paragraphs of every page under `tree`, keyed by page id (progress shown)."""
     dropped = collections.Counter() if dropped is None else dropped
     pages = {}
-    for page_id, path in tqdm.tqdm(help_pages.page_files(tree).items(), desc=f"Parsing help pages ({desc})",
-                                   unit="page"):
+    for page_id, path in progress(help_pages.page_files(tree).items(), f"Parsing help pages ({desc})", "pages"):
         page_reference = None
         if reference is not None:
             page_reference = {p.paragraph_id: p.text for p in reference.get(page_id, [])}
@@ -129,6 +128,7 @@ def prepare(language: str, data_dir: str | os.PathLike | None = None,
     """Build `language` unless already built (cached under `data_dir`); returns the builder."""
     help_builder = builder(language, data_dir)
     download_config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir) if manual_dir else None)
+    tfds_bars()
     help_builder.download_and_prepare(download_config=download_config)
     return help_builder
 

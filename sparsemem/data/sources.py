@@ -14,9 +14,9 @@ import re
 from typing import Any, Callable, Mapping, Sequence
 
 import tensorflow_datasets as tfds
-import tqdm
 
 from sparsemem.data import libreoffice_help, text_folder
+from sparsemem.progress import progress
 
 _READ_CHUNK = 4096
 _WIKI40B_MARKERS = re.compile(r"\n?_START_(?:ARTICLE|SECTION|PARAGRAPH)_\n")
@@ -70,7 +70,7 @@ def _decode(value) -> str:
 def read_all(records: Sequence, desc: str = "") -> list:
     """Every record, read in chunks (array_record sources are fastest read in bulk)."""
     out = []
-    for start in tqdm.trange(0, len(records), _READ_CHUNK, desc=f"Reading {desc}", unit="chunk", leave=False):
+    for start in progress(range(0, len(records), _READ_CHUNK), f"Reading {desc}", "chunks"):
         indices = list(range(start, min(start + _READ_CHUNK, len(records))))
         out.extend(records.__getitems__(indices) if hasattr(records, "__getitems__") else map(records.__getitem__,
                                                                                               indices))

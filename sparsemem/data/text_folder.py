@@ -19,9 +19,9 @@ import re
 from pathlib import Path
 
 import tensorflow_datasets as tfds
-import tqdm
 
 from sparsemem.data import splits
+from sparsemem.progress import progress, tfds_bars
 
 DOCUMENT_SUFFIXES = (".txt", ".jsonl")
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class TextFolder(tfds.core.GeneratorBasedBuilder):
         by_split = {name: [] for name in splits.SPLITS}
         skipped = collections.Counter()
         files = [(domain, path) for domain, paths in config.files.items() for path in paths]
-        for domain, path in tqdm.tqdm(files, desc=f"Reading {config.root}", unit="file"):
+        for domain, path in progress(files, f"Reading {config.root}", "files"):
             for document_id, text in _read_documents(path, config.root):
                 if text.strip():
                     by_split[splits.split_of(f"{domain}/{document_id}")].append((domain, document_id, text))
@@ -146,5 +146,6 @@ def prepare(root: str | os.PathLike, data_dir: str | os.PathLike | None = None) 
     folder_builder = TextFolder(config=TextFolderConfig(root),
                                 data_dir=os.fspath(data_dir) if data_dir else None,
                                 file_format="array_record")
+    tfds_bars()
     folder_builder.download_and_prepare()
     return folder_builder

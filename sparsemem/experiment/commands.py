@@ -116,6 +116,7 @@ def _extend(args: argparse.Namespace) -> int:
 def _route(args: argparse.Namespace) -> int:
     from sparsemem.checkpoints.memory_module import ModuleMismatchError  # noqa: PLC0415
     from sparsemem.experiment import route as route_lib  # noqa: PLC0415
+    from sparsemem.experiment.report import routing_tables  # noqa: PLC0415
     from sparsemem.serve.routing import RoutingError  # noqa: PLC0415
 
     lengths = tuple(int(n) for n in args.lengths.split(","))
@@ -124,7 +125,7 @@ def _route(args: argparse.Namespace) -> int:
                                      args.continuation, args.batch_size)
     except (RoutingError, ModuleMismatchError, FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
-    print(route_lib.tables(result))
+    print(routing_tables(result))
     return 0
 
 
@@ -133,7 +134,8 @@ def register(subparsers) -> None:
     p.add_argument("--config", required=True, help="experiments/configs/<name>.py")
     p.add_argument("--workdir", default=None, help="run directory (default: runs/<config name>)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set koff.target_sparsity=0.06 (repeatable)")
+                   help="override a config value, e.g. --set koff.target_sparsity=0.06 or, as with ml_collections' "
+                        "config_flags, --config.koff.target_sparsity=0.06 (repeatable)")
     p.set_defaults(func=_run)
     p = subparsers.add_parser("study", help="an experiment at several training budgets x seeds, one report with "
                                             "intervals over seeds and documents (resumable)")

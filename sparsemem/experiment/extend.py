@@ -22,17 +22,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import pathlib
 
 from jax.experimental import multihost_utils
 
 from sparsemem.checkpoints.run_state import RunCheckpointer
 from sparsemem.data import pipeline
-from sparsemem.data import sources as sources_lib
-from sparsemem.data.sources import DomainSource
 from sparsemem.experiment import setup
 from sparsemem.experiment.config import koff_config
+from sparsemem.experiment.domains import REGISTRY, NewDomain, extensions, routing_documents
 from sparsemem.experiment.variant_files import load_mask, save_memory_rows
 from sparsemem.experiment.metrics import MetricsLog
 from sparsemem.experiment.report import write_report
@@ -43,32 +41,10 @@ from sparsemem.train.trainer import KoffTrainer
 log = logging.getLogger(__name__)
 
 VARIANT = "koff"
-REGISTRY = "extensions.json"
 
 
 class ExtendError(ValueError):
     """An extension cannot be made (unknown run state, clashing domain names, bad folder)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class NewDomain:
-    """A domain to add: a help-corpus language, or a folder of text documents (`text_folder` layout of one domain)."""
-
-    name: str
-    corpus: str  # "libreoffice_help" or "folder"
-    path: str = ""
-
-    def source(self, run: RunDir, split: str, data_dir: str | None) -> DomainSource:
-        if self.corpus == "libreoffice_help":
-            return sources_lib.libreoffice_sources([self.name], split, data_dir=data_dir)[0]
-        # The text_folder builder makes one domain per sub-folder: give it a root holding just this folder.
-        root = pathlib.Path(os.fspath(run.path)) / "extend" / "corpora" / self.name  # a local link
-        link = root / self.name
-        if not link.exists():
-            root.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(pathlib.Path(self.path).resolve(), target_is_directory=True)
-        (source,) = sources_lib.text_folder_sources(root, split, data_dir=data_dir)
-        return source
 
 
 def parse_domains(languages: str | None, folders: list[str] | None) -> list[NewDomain]:
@@ -88,19 +64,6 @@ def parse_domains(languages: str | None, folders: list[str] | None) -> list[NewD
     if len(set(names)) != len(names):
         raise ExtendError(f"domain names {names} repeat; each new domain needs its own name")
     return domains
-
-
-def extensions(run: RunDir) -> list[list[NewDomain]]:
-    """The run's extensions so far, each a list of its domains."""
-    return [[NewDomain(**d) for d in group] for group in (run.read_json(REGISTRY) or [])]
-
-
-def all_sources(run: RunDir, config, split: str) -> list[DomainSource]:
-    """Every domain of the run (its corpus, then each extension's domains) for `split`."""
-    own = setup.load_corpus(config)
-    base = own.train if split == "train" else own.held_out_all
-    data_dir = config.data.data_dir or None
-    return base + [d.source(run, split, data_dir) for group in extensions(run) for d in group]
 
 
 def _register(run: RunDir, config, domains: list[NewDomain]) -> str:
@@ -177,7 +140,6 @@ def extend(run_dir: str, domains: list[NewDomain], steps: int | None = None) -> 
 def _export_into_existing(run: RunDir, config, decoder, tokenizer, memory, train_sources,
                           lora_scale: float) -> None:
     """Write the new modules into the run's export folder, if it has one (same backbone, same fingerprints)."""
-    from sparsemem.experiment.run_export import routing_documents  # noqa: PLC0415 (it imports this module)
     from sparsemem.serve.export_folder import add_modules  # noqa: PLC0415
 
     serve = run.path / "export" / VARIANT / "serve"

@@ -297,6 +297,30 @@ def _save(fig: Figure, path) -> None:
     files.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
 
 
+def routing_tables(result: dict) -> str:
+    """Markdown: accuracy by prompt length, confusion at the perplexity prompt length, perplexity, cost."""
+    lengths, names = result["lengths"], result["domains"]
+    lines = ["| router | " + " | ".join(f"{n} tokens" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
+    for kind, by_n in result["accuracy"].items():
+        lines.append(f"| {kind} | " + " | ".join(f"{by_n[str(n)]['mean']:.1%}" for n in lengths) + " |")
+    n = str(result["ppl_prompt"])
+    lines += ["", f"Centroid routing at {n} tokens (rows: true domain, columns: routed memory):", "",
+              "| | " + " | ".join(result["memories"]) + " |", "|---|" + "---|" * len(result["memories"])]
+    lines += [f"| {d} | " + " | ".join(map(str, row)) + " |"
+              for d, row in zip(names, result["confusion"]["centroid"][n])]
+    p = result["perplexity"]
+    lines += ["", f"Perplexity of the continuation after a {n}-token prompt:", "",
+              "| domain | oracle memory | centroid-routed | likelihood-routed | no memory |", "|---|---|---|---|---|"]
+    lines += [f"| {d} | {p['oracle'][d]:.2f} | {p['routed'][d]:.2f} | {p['likelihood_routed'][d]:.2f} | "
+              f"{p['no_memory'][d]:.2f} |" for d in names + ["geomean"]]
+    c = result["cost"]
+    lines += ["", f"Cost for a batch of {c['batch']} prompts of {c['prompt_tokens']} tokens: centroid routing "
+              f"{c['centroid_s'] * 1e3:.1f} ms ({c['centroid_share']:.2%} of generating {c['generated_tokens']} "
+              f"tokens, {c['generate_s']:.2f} s), likelihood routing {c['likelihood_s'] * 1e3:.1f} ms "
+              f"({c['likelihood_share']:.1%})."]
+    return "\n".join(lines)
+
+
 def added_domain_sections(run: RunDir) -> list[str]:
     """Markdown for domains added by `sparsemem extend` (held-out perplexity before/after) and `sparsemem route`."""
     out = []
@@ -312,9 +336,8 @@ def added_domain_sections(run: RunDir) -> list[str]:
                 _table(["domain", "steps", "no memory", "memory at its initialisation", "memory trained"], rows)]
     route = run.read_json("route.json")
     if route:
-        from sparsemem.experiment.route import tables  # noqa: PLC0415 (serving stack; only when routing was run)
-
-        out += ["", "## Routing (`sparsemem route`: top-1 accuracy by prompt length, held-out text)", "", tables(route)]
+        out += ["", "## Routing (`sparsemem route`: top-1 accuracy by prompt length, held-out text)", "",
+                routing_tables(route)]
     return out
 
 

@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from sparsemem.experiment import setup
-from sparsemem.experiment.extend import all_sources
+from sparsemem.experiment.domains import all_sources
 from sparsemem.experiment.report import write_report
 from sparsemem.experiment.rundir import RunDir, Timer
 from sparsemem.serve import routing
@@ -166,27 +166,3 @@ def route_run(run_dir: str, variant: str = "koff", documents: int = 16, lengths=
     run.write_json("route.json", result)
     write_report(run)
     return result
-
-
-def tables(result: dict) -> str:
-    """Markdown: accuracy by prompt length, confusion at the perplexity prompt length, perplexity, cost."""
-    lengths, names = result["lengths"], result["domains"]
-    lines = ["| router | " + " | ".join(f"{n} tokens" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
-    for kind, by_n in result["accuracy"].items():
-        lines.append(f"| {kind} | " + " | ".join(f"{by_n[str(n)]['mean']:.1%}" for n in lengths) + " |")
-    n = str(result["ppl_prompt"])
-    lines += ["", f"Centroid routing at {n} tokens (rows: true domain, columns: routed memory):", "",
-              "| | " + " | ".join(result["memories"]) + " |", "|---|" + "---|" * len(result["memories"])]
-    lines += [f"| {d} | " + " | ".join(map(str, row)) + " |"
-              for d, row in zip(names, result["confusion"]["centroid"][n])]
-    p = result["perplexity"]
-    lines += ["", f"Perplexity of the continuation after a {n}-token prompt:", "",
-              "| domain | oracle memory | centroid-routed | likelihood-routed | no memory |", "|---|---|---|---|---|"]
-    lines += [f"| {d} | {p['oracle'][d]:.2f} | {p['routed'][d]:.2f} | {p['likelihood_routed'][d]:.2f} | "
-              f"{p['no_memory'][d]:.2f} |" for d in names + ["geomean"]]
-    c = result["cost"]
-    lines += ["", f"Cost for a batch of {c['batch']} prompts of {c['prompt_tokens']} tokens: centroid routing "
-              f"{c['centroid_s'] * 1e3:.1f} ms ({c['centroid_share']:.2%} of generating {c['generated_tokens']} "
-              f"tokens, {c['generate_s']:.2f} s), likelihood routing {c['likelihood_s'] * 1e3:.1f} ms "
-              f"({c['likelihood_share']:.1%})."]
-    return "\n".join(lines)

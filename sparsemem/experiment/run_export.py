@@ -18,26 +18,16 @@ import numpy as np
 from flax import nnx
 
 from sparsemem.checkpoints.run_state import RunCheckpointer
-from sparsemem.data.sources import DomainSource
 from sparsemem.experiment import setup
-from sparsemem.experiment.extend import all_sources
+from sparsemem.experiment.domains import all_sources, routing_documents
 from sparsemem.experiment.rundir import RunDir
 from sparsemem.experiment.variant_files import load_mask, load_npz
 from sparsemem.koff import gates, sparsity
 from sparsemem.koff.config import lora_scale
 from sparsemem.models.config import ModelConfig
 from sparsemem.serve.export_folder import export
-from sparsemem.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-ROUTING_DOCUMENTS = 64  # training documents per domain averaged into its routing centroid
-
-
-def routing_documents(source: DomainSource, tokenizer: Tokenizer, max_tokens: int,
-                      count: int = ROUTING_DOCUMENTS) -> list[list[int]]:
-    """Token ids of `count` training documents of a domain, spread over its split, each cut to `max_tokens`."""
-    return [ids[:max_tokens] for ids in setup.token_ids(setup.spread(source, count), tokenizer)]
 
 
 def gate_scores(checkpoint_dir, cfg: ModelConfig, block_gates: bool) -> dict[str, np.ndarray]:
