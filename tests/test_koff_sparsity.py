@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparsemem.koff import sparsity
+from sparsemem.koff import controller, sparsity
 from sparsemem.koff.weight_slicing import compact, prunable_size
 from sparsemem.models.config import preset
 from sparsemem.models.decoder import Decoder
@@ -116,3 +116,30 @@ def test_multipliers_ascend_the_per_unit_lagrangian_and_gates_feel_it_per_unit()
     np.testing.assert_allclose(scaled, 1000 * jax.grad(sparsity.lagrangian, argnums=1)(lambdas, s, t), rtol=1e-6)
     cfg = tiny("gemma-3-270m")
     assert sparsity.num_units(random_log_alphas(cfg, jax.random.key(0))) == cfg.num_layers * (cfg.num_heads + cfg.d_ff)
+
+
+def exact_remaining(cfg, masks) -> int:
+    """Prunable params left under 0/1 `head`/`neuron` masks, counted in Python ints."""
+    counts = sparsity.ParamCounts.of(cfg)
+    head, neuron = np.asarray(masks["head"], bool), np.asarray(masks["neuron"], bool)
+    kv = head.reshape(cfg.num_layers, cfg.num_kv_heads, cfg.group_size).any(-1)
+    return int(head.sum()) * counts.head + int(kv.sum()) * counts.kv_head + int(neuron.sum()) * counts.neuron
+
+
+@pytest.mark.parametrize("name", ["llama-3.1-8b", "qwen2.5-7b"])
+@pytest.mark.parametrize("over", ["prunable", "all"])
+def test_accounting_past_int32_at_full_size(name, over):
+    """7-8B models have more than 2**31 prunable params: masks, sparsity and the projection trace and hit the target."""
+    cfg = preset(name)
+    counts = sparsity.ParamCounts.of(cfg)
+    assert counts.prunable > 2**31
+    log_alphas = random_log_alphas(cfg, jax.random.key(0))
+    target = 0.12
+    masks = jax.jit(sparsity.deterministic_masks, static_argnums=(0, 3))(cfg, log_alphas, target, over)
+    denominator = counts.prunable if over == "prunable" else counts.total
+    realised = (counts.prunable - exact_remaining(cfg, masks)) / denominator
+    assert abs(realised - target) <= counts.neuron / 2 / denominator * 1.01  # float32 cumsums: within 1% of it
+    traced = jax.jit(lambda m: sparsity.sparsity(cfg, sparsity.remaining_params(cfg, m), over))(masks)
+    assert float(traced) == pytest.approx(realised, abs=1e-6)
+    projected = jax.jit(controller.project, static_argnums=(0, 3, 4))(cfg, log_alphas, target, over, 6.0)
+    assert float(sparsity.expected_sparsity(cfg, projected, over)) == pytest.approx(target, abs=1e-4)

@@ -23,7 +23,12 @@ from sparsemem.models.config import ModelConfig
 
 @dataclasses.dataclass(frozen=True)
 class ParamCounts:
-    """Per-unit parameter costs and totals of one decoder config."""
+    """Per-unit parameter costs and totals of one decoder config, as exact Python ints.
+
+    Totals pass 2**31 from ~3B parameters on, and a Python int past int32 cannot meet a
+    jnp value (OverflowError at trace time), so jnp arithmetic takes counts through
+    `float()` (a weakly typed scalar that takes the array's float dtype).
+    """
 
     head: int
     kv_head: int
@@ -56,14 +61,14 @@ def remaining_params(cfg: ModelConfig, keep: dict[str, jax.Array]) -> jax.Array:
     mlp = keep.get("mlp", jnp.ones(neuron.shape[:1]))
     groups = head.reshape(cfg.num_layers, cfg.num_kv_heads, cfg.group_size)
     kv = attn[:, None] * (1.0 - jnp.prod(1.0 - groups, axis=-1))
-    return (counts.head * jnp.sum(attn[:, None] * head) + counts.kv_head * jnp.sum(kv)
-            + counts.neuron * jnp.sum(mlp[:, None] * neuron))
+    return (float(counts.head) * jnp.sum(attn[:, None] * head) + float(counts.kv_head) * jnp.sum(kv)
+            + float(counts.neuron) * jnp.sum(mlp[:, None] * neuron))
 
 
 def sparsity(cfg: ModelConfig, remaining: jax.Array, over: str = "prunable") -> jax.Array:
     """Fraction of parameters removed, over the prunable params or over all params."""
     counts = ParamCounts.of(cfg)
-    prunable, total = float(counts.prunable), float(counts.total)  # Python ints past 2**31 overflow in jnp ops
+    prunable, total = float(counts.prunable), float(counts.total)
     removed = prunable - remaining
     if over == "prunable":
         return removed / prunable
@@ -97,7 +102,7 @@ def type_params(cfg: ModelConfig) -> dict[str, float]:
 def removal_budget(cfg: ModelConfig, target: jax.Array | float, over: str = "prunable") -> jax.Array:
     """Prunable params to remove so that the sparsity over `over` params is `target`."""
     counts = ParamCounts.of(cfg)
-    denominator = float(counts.prunable if over == "prunable" else counts.total)  # ints past 2**31 overflow in jnp
+    denominator = float(counts.prunable if over == "prunable" else counts.total)
     return jnp.asarray(target, jnp.float32) * denominator
 
 
@@ -125,10 +130,11 @@ def deterministic_masks(cfg: ModelConfig, log_alphas: dict[str, jax.Array], targ
     head_rank = _ranks(head_score.reshape(-1))
     grouped = head_rank.reshape(L, cfg.num_kv_heads, cfg.group_size)
     closes_group = (grouped == jnp.max(grouped, axis=-1, keepdims=True)).reshape(-1)
-    head_cost = (counts.head + counts.kv_head * closes_group).astype(jnp.float32)
+    head_cost = float(counts.head) + float(counts.kv_head) * closes_group.astype(jnp.float32)
     removed = jnp.concatenate([jnp.zeros((1,)), jnp.cumsum(head_cost[jnp.argsort(head_rank)])])
-    heads_removed = jnp.argmin(jnp.abs(removed - budget * type_params(cfg)["head"] / counts.prunable))
-    neurons_removed = jnp.clip(jnp.round((budget - removed[heads_removed]) / counts.neuron), 0, L * F)
+    head_share = type_params(cfg)["head"] / float(counts.prunable)
+    heads_removed = jnp.argmin(jnp.abs(removed - budget * head_share))
+    neurons_removed = jnp.clip(jnp.round((budget - removed[heads_removed]) / float(counts.neuron)), 0, L * F)
     masks = {"head": (head_rank >= heads_removed).astype(jnp.float32).reshape(head_score.shape),
              "neuron": (_ranks(neuron_score.reshape(-1)) >= neurons_removed).astype(jnp.float32).reshape(L, F)}
     if "attn" in log_alphas:
