@@ -127,8 +127,8 @@ def _trainer(run: RunDir, config, variant: str, decoder, mesh, corpus: setup.Cor
     kcfg = koff_config(config, len(corpus.names), variant)
     plain = KoffTrainer(decoder, kcfg.replace(gate_init="uniform"), mesh)  # what masks and scores are computed with
     fixed = _fixed_mask(run, config, variant, plain, corpus, tokenizer)
-    if fixed is not None:
-        return KoffTrainer(decoder, kcfg, mesh, fixed_mask=fixed)
+    if fixed is not None:  # no gates to start: koff.gate_init does not apply
+        return KoffTrainer(decoder, plain.kcfg, mesh, fixed_mask=fixed)
     if kcfg.gate_init == "importance":
         return KoffTrainer(decoder, kcfg, mesh, unit_scores=_taylor_scores(run, config, plain, corpus, tokenizer))
     return plain
