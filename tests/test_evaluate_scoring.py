@@ -7,10 +7,14 @@ from flax import nnx
 from sparsemem.evaluation import settings as settings_lib
 from sparsemem.experiment import config as config_lib
 from sparsemem.evaluation.documents import document_batches
+from sparsemem.evaluation import scoring
 from sparsemem.evaluation.scoring import Scorer, document_losses
+from sparsemem.koff import gates as gates_lib
+from sparsemem.koff.memory import hooks_from_rows
 from sparsemem.koff.config import KoffConfig
 from sparsemem.models.config import preset
 from sparsemem.models.decoder import Decoder
+from sparsemem.models.hooks import Hooks
 from sparsemem.models.loss import token_cross_entropy
 from sparsemem.train.trainer import KoffTrainer
 
@@ -32,6 +36,15 @@ def setup():
              "positions": np.tile(np.arange(t), (b, 1)), "domain": np.array([0, 1, 2, 0, 1, 2])}
     batch["loss_mask"][0, :5] = 0
     return decoder, Scorer.for_trainer(trainer), memory, batch
+
+
+def _direct_losses(decoder, batch, masks=None, memory=None, index=None, lora_scale=1.0):
+    """The losses with exactly the hooks a setting names (absent ones None), straight from the decoder."""
+    head, neuron = gates_lib.scales(masks) if masks is not None else (None, None)
+    rows = hooks_from_rows(memory, batch["domain"] if index is None else index, lora_scale) if memory else Hooks()
+    hooks = Hooks(head_scale=head, neuron_scale=neuron, memory_k=rows.memory_k, memory_v=rows.memory_v, lora=rows.lora)
+    hidden, _ = decoder(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"], hooks=hooks)
+    return np.asarray(token_cross_entropy(decoder, hidden, batch["targets"])) * batch["loss_mask"]
 
 
 def test_dense_losses_equal_the_decoders_own(setup):
@@ -62,6 +75,31 @@ def test_mask_and_memory_change_losses_and_swap_picks_the_row(setup):
     assert not np.allclose(kv, own, rtol=1e-3) and not np.allclose(kv, dense, rtol=1e-3)
 
 
+def test_every_setting_shares_two_programs_and_scores_as_its_own_hooks(setup):
+    """Masks as data and missing LoRA arrays as zeros change no loss; KV or not is the only program choice."""
+    decoder, scorer, memory, batch = setup
+    batch = {k: v[:, :11] for k, v in batch.items() if k != "domain"} | {"domain": batch["domain"]}  # a new shape
+    masks = {"head": np.ones((2, 4), np.float32), "neuron": np.ones((2, 64), np.float32)}
+    masks["neuron"][:, 40:] = 0
+    settings = {"dense": {}, "pruned": {"masks": masks}, "pruned_kv": {"masks": masks, "memory": ("kv",)},
+                "pruned_lora": {"masks": masks, "memory": ("lora",)}, "koff": {"masks": masks, "memory": ("kv", "lora")},
+                "dense_memory": {"memory": ("kv", "lora")}}
+    before = scoring._token_losses._cache_size()
+    for name, setting in settings.items():
+        table = settings_lib.memory_parts(memory, setting["memory"]) if "memory" in setting else None
+        got = scorer.token_losses(batch, masks=setting.get("masks"), memory=table)  # the run's LoRA scale
+        want = _direct_losses(decoder, batch, setting.get("masks"), table, lora_scale=scorer.lora_scale)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
+    swapped = scorer.token_losses(batch, masks=masks, memory=memory, memory_index=np.full(6, 2))
+    want = _direct_losses(decoder, batch, masks, memory, np.full(6, 2), scorer.lora_scale)
+    np.testing.assert_allclose(swapped, want, rtol=1e-5, atol=1e-6)
+    other = Scorer.for_trainer(KoffTrainer(decoder, KoffConfig(num_domains=3, memory_slots=2, lora_rank=2)))
+    other.token_losses(batch, masks=masks)  # another trainer over the same decoder: the same programs
+    assert scoring._token_losses._cache_size() - before == 2
+    with pytest.raises(ValueError, match="not in this scorer's table"):
+        scorer.token_losses(batch, memory={"up_a": memory["q_a"]})
+
+
 def test_document_losses_equal_each_document_scored_alone(setup):
     """Packed windows score every target once, each as the document read alone up to it would (BOS, context)."""
     decoder, scorer, _, _ = setup
@@ -87,6 +125,16 @@ def test_document_losses_equal_each_document_scored_alone(setup):
         np.testing.assert_allclose(got.first[n], expected[0], rtol=1e-5)
     np.testing.assert_allclose(got.by_offset.sum(), got.loss.sum(), rtol=1e-6)
     assert got.count_by_offset.sum() == packed.tokens.sum() and got.count_by_offset[0] == 5
+
+
+def test_rows_are_packed_longest_first_into_the_first_row_with_room():
+    lengths = [3, 6, 4, 7]  # targets per document (text + EOS); in order into rows of 10: [3, 6], [4], [7]
+    docs = [[[2, *range(3, 3 + n - 1)] for n in lengths]]
+    packed = document_batches(docs, eos_id=1, pad_id=0, seq_len=10, batch_size=4)
+    (batch,) = packed.batches
+    used = (batch["segment_ids"] > 0).sum(axis=1)
+    np.testing.assert_array_equal(used, [10, 10, 0, 0])  # [7, 3] and [6, 4]
+    np.testing.assert_array_equal(np.bincount(batch["document"][batch["document"] >= 0]), lengths)
 
 
 def test_document_windows_carry_their_context_unscored():

@@ -7,8 +7,9 @@ evaluation rows are built here, deterministically: a document is `[bos] + ids + 
 one that does not fit in one row of `seq_len` targets is scored in windows, each later
 window starting with BOS and the `context` tokens before its first scored target
 (targets there are not scored), so every target is scored once and, past the first
-window, still sees at least `context` tokens of its document. Pieces are packed in
-order into rows of one domain (next fit), each its own segment with positions from
+window, still sees at least `context` tokens of its document. Pieces are packed into
+rows of one domain, longest first into the first row with room (first-fit decreasing:
+a padded slot costs a scored one's compute), each its own segment with positions from
 `first_position`. Two extra keys travel with each batch: `document [B, T]` (index into
 the documents, -1 for padding and unscored context) and `offset [B, T]` (the target's
 index in its document: 0 is the first token after BOS).
@@ -54,6 +55,22 @@ def _windows(tokens: np.ndarray, seq_len: int, context: int) -> list[tuple[np.nd
     return windows
 
 
+def _first_fit_decreasing(pieces: list[tuple[int, np.ndarray, int, int]], seq_len: int) -> list[list]:
+    """`pieces` (`piece[1]` holds its inputs and targets) in rows of `seq_len` targets: longest first, each
+    into the first row with room (ties keep their order, so the rows are deterministic)."""
+    rows, free = [], []
+    for piece in sorted(pieces, key=lambda p: -len(p[1])):
+        n = len(piece[1]) - 1
+        row = next((r for r, room in enumerate(free) if room >= n), None)
+        if row is None:
+            rows.append([])
+            free.append(seq_len)
+            row = len(rows) - 1
+        rows[row].append(piece)
+        free[row] -= n
+    return rows
+
+
 def document_batches(token_ids: Sequence[Sequence[Sequence[int]]], *, eos_id: int, pad_id: int, seq_len: int,
                      batch_size: int, context: int = 0, first_position: int = 0) -> DocumentBatches:
     """Rows of `token_ids[domain][document]` (each with BOS, without EOS) in fixed `[batch_size, seq_len]` batches.
@@ -70,22 +87,15 @@ def document_batches(token_ids: Sequence[Sequence[Sequence[int]]], *, eos_id: in
     rows: list[tuple[int, list[tuple[int, np.ndarray, int, int]]]] = []  # (domain, [(document, ids, unscored, start)])
     domains, lengths = [], []
     for domain, documents in enumerate(token_ids):
-        row, used = [], 0
+        pieces = []
         for ids in documents:
             tokens = np.asarray([*ids, eos_id], np.int32)
             if len(tokens) < 2:
                 raise ValueError(f"a document of domain {domain} has no tokens; drop empty documents first")
-            document = len(domains)
+            pieces += [(len(domains), *window) for window in _windows(tokens, seq_len, context)]
             domains.append(domain)
             lengths.append(len(tokens) - 1)
-            for piece, unscored, start in _windows(tokens, seq_len, context):
-                if used + len(piece) - 1 > seq_len:
-                    rows.append((domain, row))
-                    row, used = [], 0
-                row.append((document, piece, unscored, start))
-                used += len(piece) - 1
-        if row:
-            rows.append((domain, row))
+        rows += [(domain, row) for row in _first_fit_decreasing(pieces, seq_len)]
     batches = []
     for first in range(0, len(rows), batch_size):
         batch = _new_batch(batch_size, seq_len, pad_id)
