@@ -171,7 +171,7 @@ def attention(cfg: ModelConfig, weights: Mapping[str, jax.Array], x: jax.Array, 
     if kv_of_head is not None:  # ragged groups: one K/V per query head
         index = jnp.asarray(kv_of_head, jnp.int32)
         k, v = jnp.take(k, index, axis=2), jnp.take(v, index, axis=2)
-    ctx = layers.attend(q, k, v, mask, cfg.attn_scale)
+    ctx = layers.attend_with(cfg.attention_impl, q, k, v, mask, cfg.attn_scale)
     if hooks.head_scale is not None:
         ctx = ctx * _unit_scale(hooks.head_scale, x.dtype)[..., None]
     attn = project(ctx, w["wo"], lora("o"), in_axes=2)
