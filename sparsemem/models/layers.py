@@ -119,6 +119,20 @@ def fused_attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scal
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale, implementation=implementation)
 
 
+def fused_causal_attend(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
+                        implementation: Literal["cudnn", "xla"]) -> jax.Array:
+    """`fused_attend` where the mask is every one of the `M = S - T` key slots before the queries, then causal.
+
+    That is a causal mask aligned to the last query; the kernel's own causal mask is aligned to
+    the first, so the queries are padded in front to `S` and the padded rows dropped. cuDNN then
+    skips the masked blocks instead of reading a mask.
+    """
+    memory = k.shape[1] - q.shape[1]
+    padded = jnp.pad(q, ((0, 0), (memory, 0), (0, 0), (0, 0)))
+    out = jax.nn.dot_product_attention(padded, k, v, scale=scale, is_causal=True, implementation=implementation)
+    return out[:, memory:]
+
+
 def default_platform() -> str:
     """The platform a jitted forward compiles for, as lowering names it: cpu, cuda, rocm or tpu."""
     backend = jax.default_backend()
@@ -139,12 +153,17 @@ def attention_kernel(requested: str, dtype, platform: str) -> str:
     return "cudnn" if platform == "cuda" and half else "xla"
 
 
-def attend_with(implementation: str, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                scale: float) -> jax.Array:
-    """`attend` (same arguments and result) by the kernel `attention_kernel` picks for `implementation`."""
-    if attention_kernel(implementation, q.dtype, default_platform()) == "cudnn":
-        return fused_attend(q, k, v, mask, scale, "cudnn")
-    return attend(q, k, v, mask, scale)
+def attend_with(implementation: str, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
+                causal: bool = False) -> jax.Array:
+    """`attend` (same arguments and result) by the kernel `attention_kernel` picks for `implementation`.
+
+    `causal`: `mask` is known to be the memory slots then causal text (`fused_causal_attend`).
+    """
+    if attention_kernel(implementation, q.dtype, default_platform()) != "cudnn":
+        return attend(q, k, v, mask, scale)
+    if causal:
+        return fused_causal_attend(q, k, v, scale, "cudnn")
+    return fused_attend(q, k, v, mask, scale, "cudnn")
 
 
 def advance_positions(next_position: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
