@@ -17,7 +17,8 @@ concurrently, so each has the device to itself. Workloads:
   backbone with per-example domain memory (the generation's own jitted step).
 Every workload runs once per `--attention` kernel (`ModelConfig.attention_impl`), so kernels
 compare side by side. A workload that fails (out of memory, a compile error, a crash) becomes
-a row saying so and the suite goes on.
+a row saying so and the suite goes on; so does one left when `--budget` seconds are spent.
+The report is rewritten after every row, so a suite stopped early keeps what it measured.
 MFU = analytic model FLOPs (`sparsemem.scale.flops`, no rematerialisation) per second /
 peak: the vendor's dense peak for `--dtype` on GPU/TPU, a float32 matmul probe on CPU.
 Writes `accelerator.json` and `accelerator.md` under `--out`.
@@ -183,6 +184,8 @@ def main() -> None:
     parser.add_argument("--workloads", default="forward/hidden,forward/lm_loss,train,serve/prefill,serve/decode",
                         help="subset to run; `train` runs one workload per --remat option")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per workload (after one warm-up); median")
+    parser.add_argument("--budget", type=float,
+                        help="seconds after which no further workload starts (each left is a row saying so)")
     parser.add_argument("--tiny", action="store_true", help="shrink the models to smoke-test size (CPU CI)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -210,12 +213,26 @@ def main() -> None:
     shared = ["--dtype", args.dtype, "--batch", str(args.batch), "--seq", str(args.seq), "--serve-batch",
               str(args.serve_batch), "--prompt", str(args.prompt), "--out", args.out] + (["--tiny"] if args.tiny else [])
     rows, started = [], time.perf_counter()
+    report = dict(device=device.device_kind, platform=device.platform, host=platform.node(), dtype=args.dtype,
+                  peak_flops=peak, peak_source=peak_source, tiny=args.tiny, rows=rows)
+
+    def header() -> str:
+        memory_kinds = sorted({r["peak_kind"] for r in rows if "peak_kind" in r}) or ["none measured"]
+        return (f"{device.device_kind} ({device.platform}), {args.dtype} compute, random-init weights"
+                f"{' (tiny sizes)' if args.tiny else ''}; peak {peak / 1e12:.3g} TFLOP/s ({peak_source}); "
+                f"median of {args.steps} steps; memory: {', '.join(memory_kinds)}; "
+                f"suite took {time.perf_counter() - started:.0f}s")
+
+    os.makedirs(args.out, exist_ok=True)
     for name in args.models.split(","):
         cfg = model_config(name, args.tiny)
         for kind in kinds:
             for kernel in kernels:
                 begin = time.perf_counter()
-                result = measure(["--child", kind, "--model", name, "--attention", kernel, *shared], args.steps)
+                if args.budget is not None and begin - started >= args.budget:
+                    result = dict(error=f"not run: the suite's --budget of {args.budget:g}s was spent")
+                else:
+                    result = measure(["--child", kind, "--model", name, "--attention", kernel, *shared], args.steps)
                 shape = (f"{args.serve_batch} x {args.prompt}" if kind.startswith("serve/")
                          else f"{args.batch} x {args.seq}")
                 row = dict(model=name, workload=kind, attention=kernel, shape=shape, **result)
@@ -223,23 +240,17 @@ def main() -> None:
                 took = f"({time.perf_counter() - begin:.0f}s)"
                 if "error" in result:
                     print(f"{name} {kind} {kernel}: FAILED, {failure(result['error'])} {took}", flush=True)
-                    continue
-                tokens, flop = model_flops(cfg, args, kind)
-                row.update(tokens_per_s=tokens / row["seconds"], model_flops=flop, mfu=flop / row["seconds"] / peak)
-                print(f"{name} {kind} {kernel}: {row['seconds']:.4f} s/step, {row['tokens_per_s']:,.0f} tokens/s, "
-                      f"MFU {100 * row['mfu']:.1f}% {took}", flush=True)
-    memory_kinds = sorted({r["peak_kind"] for r in rows if "peak_kind" in r}) or ["none measured"]
-    header = (f"{device.device_kind} ({device.platform}), {args.dtype} compute, random-init weights"
-              f"{' (tiny sizes)' if args.tiny else ''}; peak {peak / 1e12:.3g} TFLOP/s ({peak_source}); "
-              f"median of {args.steps} steps; memory: {', '.join(memory_kinds)}; "
-              f"suite took {time.perf_counter() - started:.0f}s")
-    report = dict(device=device.device_kind, platform=device.platform, host=platform.node(), dtype=args.dtype,
-                  peak_flops=peak, peak_source=peak_source, tiny=args.tiny, rows=rows)
-    os.makedirs(args.out, exist_ok=True)
-    files.write_json(os.path.join(args.out, "accelerator.json"), report)
-    files.atomic_write(os.path.join(args.out, "accelerator.md"), lambda tmp: tmp.write_text(markdown(rows, header)))
-    print(markdown(rows, header))
-
+                else:
+                    tokens, flop = model_flops(cfg, args, kind)
+                    row.update(tokens_per_s=tokens / row["seconds"], model_flops=flop,
+                               mfu=flop / row["seconds"] / peak)
+                    print(f"{name} {kind} {kernel}: {row['seconds']:.4f} s/step, {row['tokens_per_s']:,.0f} "
+                          f"tokens/s, MFU {100 * row['mfu']:.1f}% {took}", flush=True)
+                # Written after every row: a suite stopped early keeps what it measured.
+                files.write_json(os.path.join(args.out, "accelerator.json"), report)
+                files.atomic_write(os.path.join(args.out, "accelerator.md"),
+                                   lambda tmp: tmp.write_text(markdown(rows, header())))
+    print(markdown(rows, header()))
 
 if __name__ == "__main__":
     main()

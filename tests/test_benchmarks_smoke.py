@@ -34,3 +34,18 @@ def test_accelerator_suite_smoke(tmp_path):
     table = (tmp_path / "accelerator.md").read_text()
     assert table.count("| gemma-3-270m |") == 6 and "measured float32 matmul probe" in table
     assert table.count("| cudnn | 2 x ") == 3 and table.count("RuntimeError: cuDNN is not detected.") == 3
+
+
+def test_accelerator_suite_spent_budget_leaves_rows_saying_so(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    cmd = ["bash", str(ROOT / "benchmarks" / "accelerator.sh"), str(tmp_path), "--tiny", "--dtype", "float32",
+           "--models", "gemma-3-270m,llama-3.2-1b", "--workloads", "forward/hidden,train", "--remat", "none,dots",
+           "--budget", "0"]
+    subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
+    rows = json.loads((tmp_path / "accelerator.json").read_text())["rows"]
+    assert [(r["model"], r["workload"]) for r in rows] == [
+        (model, workload) for model in ("gemma-3-270m", "llama-3.2-1b")
+        for workload in ("forward/hidden", "train/remat=none", "train/remat=dots")]
+    assert all(r["error"] == "not run: the suite's --budget of 0s was spent" for r in rows)
+    assert (tmp_path / "accelerator.md").read_text().count("**not run: the suite's --budget of 0s was spent**") == 6
