@@ -79,12 +79,14 @@ def test_causal_call_equals_attend_where_the_global_mask_is_causal(kind):
         np.testing.assert_allclose(layers.fused_causal_attend(q, k, v, 0.25, "xla"), want, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("requested, dtype, platform, kernel", [
-    ("auto", jnp.bfloat16, "cuda", "cudnn"), ("auto", jnp.float16, "cuda", "cudnn"),
-    ("auto", jnp.float32, "cuda", "xla"), ("auto", jnp.bfloat16, "rocm", "xla"), ("auto", jnp.bfloat16, "tpu", "xla"),
-    ("auto", jnp.bfloat16, "cpu", "xla"), ("xla", jnp.bfloat16, "cuda", "xla"), ("cudnn", jnp.float32, "cpu", "cudnn")])
-def test_attention_kernel_choice(requested, dtype, platform, kernel):
-    assert layers.attention_kernel(requested, dtype, platform) == kernel
+@pytest.mark.parametrize("requested, dtype, platform, cached, kernel", [
+    ("auto", jnp.bfloat16, "cuda", False, "cudnn"), ("auto", jnp.float16, "cuda", False, "cudnn"),
+    ("auto", jnp.bfloat16, "cuda", True, "xla"), ("auto", jnp.float32, "cuda", False, "xla"),
+    ("auto", jnp.bfloat16, "rocm", False, "xla"), ("auto", jnp.bfloat16, "tpu", False, "xla"),
+    ("auto", jnp.bfloat16, "cpu", False, "xla"), ("xla", jnp.bfloat16, "cuda", False, "xla"),
+    ("cudnn", jnp.float32, "cpu", True, "cudnn")])
+def test_attention_kernel_choice(requested, dtype, platform, cached, kernel):
+    assert layers.attention_kernel(requested, dtype, platform, cached) == kernel
 
 
 def test_unknown_attention_impl_is_refused():

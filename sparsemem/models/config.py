@@ -62,9 +62,9 @@ class ModelConfig:
     bos_id: int = 1
     eos_id: int = 2
     pad_id: int = 0
-    # The attention kernel (`layers.attention_kernel`): "auto" picks cuDNN's fused kernel on GPU at
-    # bfloat16/float16 compute and the float32-scores XLA `attend` otherwise. A runtime choice, not
-    # part of the architecture: Hugging Face configs do not carry it.
+    # The attention kernel (`layers.attention_kernel`): "auto" picks cuDNN's fused kernel on CUDA at
+    # bfloat16/float16 compute without a KV cache, and the float32-scores XLA `attend` otherwise. A
+    # runtime choice, not part of the architecture: Hugging Face configs do not carry it.
     attention_impl: AttentionImpl = "auto"
 
     def __post_init__(self):

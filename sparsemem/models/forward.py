@@ -176,7 +176,8 @@ def attention(cfg: ModelConfig, weights: Mapping[str, jax.Array], x: jax.Array, 
         index = jnp.asarray(kv_of_head, jnp.int32)
         k, v = jnp.take(k, index, axis=2), jnp.take(v, index, axis=2)
     causal = inputs.global_causal and (inputs.local_mask is None or is_local is False)
-    ctx = layers.attend_with(cfg.attention_impl, q, k, v, mask, cfg.attn_scale, causal=causal)
+    ctx = layers.attend_with(cfg.attention_impl, q, k, v, mask, cfg.attn_scale, cached=cache_kv is not None,
+                             causal=causal)
     if hooks.head_scale is not None:
         ctx = ctx * _unit_scale(hooks.head_scale, x.dtype)[..., None]
     attn = project(ctx, w["wo"], lora("o"), in_axes=2)

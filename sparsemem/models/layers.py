@@ -141,25 +141,28 @@ def default_platform() -> str:
     return "rocm" if "rocm" in jax.extend.backend.get_backend().platform_version.lower() else "cuda"
 
 
-def attention_kernel(requested: str, dtype, platform: str) -> str:
+def attention_kernel(requested: str, dtype, platform: str, cached: bool) -> str:
     """The kernel `ModelConfig.attention_impl == requested` runs at compute `dtype` on `platform`.
 
-    "auto" is cuDNN's fused kernel on CUDA at bfloat16/float16 (the dtypes it takes) and the
-    float32-scores `attend` ("xla") everywhere else; "xla" and "cudnn" are taken as asked.
+    "auto" is cuDNN's fused kernel on CUDA at bfloat16/float16 (the dtypes it takes) for a
+    forward without a KV cache, and the float32-scores `attend` ("xla") everywhere else: cuDNN
+    on cached prefill and one-token decode steps is not yet measured. "xla" and "cudnn" are
+    taken as asked.
     """
     if requested != "auto":
         return requested
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    return "cudnn" if platform == "cuda" and half else "xla"
+    return "cudnn" if platform == "cuda" and half and not cached else "xla"
 
 
-def attend_with(implementation: str, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
-                causal: bool = False) -> jax.Array:
+def attend_with(implementation: str, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, *,
+                cached: bool, causal: bool = False) -> jax.Array:
     """`attend` (same arguments and result) by the kernel `attention_kernel` picks for `implementation`.
 
-    `causal`: `mask` is known to be the memory slots then causal text (`fused_causal_attend`).
+    `cached`: the keys are a KV cache's. `causal`: `mask` is known to be the memory slots then
+    causal text (`fused_causal_attend`).
     """
-    if attention_kernel(implementation, q.dtype, default_platform()) != "cudnn":
+    if attention_kernel(implementation, q.dtype, default_platform(), cached) != "cudnn":
         return attend(q, k, v, mask, scale)
     if causal:
         return fused_causal_attend(q, k, v, scale, "cudnn")
