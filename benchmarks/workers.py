@@ -9,6 +9,7 @@ load drifts hit all variants alike. A variant can import another commit's `spars
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import shutil
@@ -32,6 +33,10 @@ def package_at(rev: str) -> str:
     return folder
 
 
+class ChildFailed(RuntimeError):
+    """A benchmark child's step raised (its error, e.g. out of memory) or the child died."""
+
+
 class Worker:
     """A child `python script *argv` speaking `serve()`'s protocol; `.info` is what it said when ready."""
 
@@ -47,8 +52,12 @@ class Worker:
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"benchmark child {self.proc.args} exited with {self.proc.wait()} (see its stderr)")
-        return json.loads(line)
+            raise ChildFailed(f"benchmark child {self.proc.args} exited with {self.proc.wait()} (see its stderr)")
+        message = json.loads(line)
+        if "error" in message:
+            self.proc.wait()
+            raise ChildFailed(message["error"])
+        return message
 
     def run(self) -> float:
         """Seconds of one step."""
@@ -72,6 +81,17 @@ def interleaved(workers: list[Worker], rounds: int) -> list[list[float]]:
         for worker, out in zip(workers, times):
             out.append(worker.run())
     return times
+
+
+@contextlib.contextmanager
+def errors_reported():
+    """Child side: an exception in the block (out of memory, a compile error) is said to the parent in place of
+    the next answer, so the parent raises `ChildFailed` with it; the child then exits with the traceback."""
+    try:
+        yield
+    except Exception as error:
+        print(json.dumps({"error": f"{type(error).__name__}: {error}"}), flush=True)
+        raise
 
 
 def serve(step: Callable[[], float | None], info: dict) -> None:

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 Family = Literal["llama", "qwen2", "qwen3", "gemma3"]
 LayerType = Literal["global", "local"]
+AttentionImpl = Literal["auto", "xla", "cudnn"]
+ATTENTION_IMPLS: tuple[AttentionImpl, ...] = ("auto", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +62,10 @@ class ModelConfig:
     bos_id: int = 1
     eos_id: int = 2
     pad_id: int = 0
+    # The attention kernel (`layers.attention_kernel`): "auto" picks cuDNN's fused kernel on CUDA at
+    # bfloat16/float16 compute without a KV cache, and the float32-scores XLA `attend` otherwise. A
+    # runtime choice, not part of the architecture: Hugging Face configs do not carry it.
+    attention_impl: AttentionImpl = "auto"
 
     def __post_init__(self):
         if not self.layer_types:
@@ -71,6 +77,8 @@ class ModelConfig:
             problems.append(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if "local" in self.layer_types and not self.sliding_window:
             problems.append("local layers need sliding_window > 0")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            problems.append(f"attention_impl={self.attention_impl!r} must be one of {', '.join(ATTENTION_IMPLS)}")
         if problems:
             raise ValueError("Invalid ModelConfig: " + "; ".join(problems))
 

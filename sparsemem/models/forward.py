@@ -44,7 +44,9 @@ class Inputs:
     `key_segments [B, S]` every token slot's after this write. Masks are `[B, T, M + S]`:
     M memory slots, then S token slots (`local_mask` is None without
     sliding-window layers). RoPE tables are `(cos, sin)` `[B, T, Dh]`. `write_index` is
-    the cache slot of the first new token (None: no cache).
+    the cache slot of the first new token (None: no cache). `global_causal`: the global mask is
+    every memory slot and the text up to each query (one unpadded document, no cache), so a
+    fused kernel may build it from causality alone instead of reading it.
     """
 
     positions: jax.Array
@@ -55,6 +57,7 @@ class Inputs:
     rope_global: tuple[jax.Array, jax.Array]
     rope_local: tuple[jax.Array, jax.Array] | None
     write_index: jax.Array | None
+    global_causal: bool = struct.field(pytree_node=False, default=False)
 
     def attention(self, is_local: bool | jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """`(mask, cos, sin)` of a layer; `is_local` is a Python bool or, inside a scan, a traced one."""
@@ -82,6 +85,7 @@ def prologue(cfg: ModelConfig, embed: jax.Array, tokens: jax.Array, *, dtype, po
     layers while they are inside the window (`layers.memory_in_window`).
     """
     b, t = tokens.shape
+    global_causal = segment_ids is None and cache is None
     if segment_ids is None:
         segment_ids = jnp.ones((b, t), jnp.int32)
     if positions is None:
@@ -112,7 +116,7 @@ def prologue(cfg: ModelConfig, embed: jax.Array, tokens: jax.Array, *, dtype, po
                   if local_mask is not None else None)
     return x, Inputs(positions=positions, segment_ids=segment_ids, key_segments=key_segments,
                      global_mask=global_mask, local_mask=local_mask, rope_global=rope_global, rope_local=rope_local,
-                     write_index=cache.write_index if cache is not None else None)
+                     write_index=cache.write_index if cache is not None else None, global_causal=global_causal)
 
 
 def project(x: jax.Array, weight: jax.Array, lora: LoRADelta | None, in_axes: int = 1) -> jax.Array:
@@ -171,7 +175,9 @@ def attention(cfg: ModelConfig, weights: Mapping[str, jax.Array], x: jax.Array, 
     if kv_of_head is not None:  # ragged groups: one K/V per query head
         index = jnp.asarray(kv_of_head, jnp.int32)
         k, v = jnp.take(k, index, axis=2), jnp.take(v, index, axis=2)
-    ctx = layers.attend(q, k, v, mask, cfg.attn_scale)
+    causal = inputs.global_causal and (inputs.local_mask is None or is_local is False)
+    ctx = layers.attend_with(cfg.attention_impl, q, k, v, mask, cfg.attn_scale, cached=cache_kv is not None,
+                             causal=causal)
     if hooks.head_scale is not None:
         ctx = ctx * _unit_scale(hooks.head_scale, x.dtype)[..., None]
     attn = project(ctx, w["wo"], lora("o"), in_axes=2)

@@ -1,10 +1,12 @@
-"""Stateless building blocks of the decoder: RMSNorm, RoPE, masks, attention."""
+"""Stateless building blocks of the decoder: RMSNorm, RoPE, masks, attention and its kernels."""
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
@@ -102,6 +104,69 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: flo
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h, dh)
+
+
+def fused_attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
+                 implementation: Literal["cudnn", "xla"]) -> jax.Array:
+    """`attend` through `jax.nn.dot_product_attention`, with the same boolean mask (as `[B, 1, T, S]`).
+
+    `"cudnn"` is cuDNN's fused kernel (GPU, bfloat16/float16 only), which keeps no `[T, S]`
+    scores; `"xla"` is jax's reference for the same call: it runs on any backend, which is
+    how CPU tests check the call the GPU makes. Grouped-query heads are native. Both turn
+    the mask into a large finite negative bias, so a query with no visible key (padding)
+    gets a uniform average, as in `attend`.
+    """
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale, implementation=implementation)
+
+
+def fused_causal_attend(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
+                        implementation: Literal["cudnn", "xla"]) -> jax.Array:
+    """`fused_attend` where the mask is every one of the `M = S - T` key slots before the queries, then causal.
+
+    That is a causal mask aligned to the last query; the kernel's own causal mask is aligned to
+    the first, so the queries are padded in front to `S` and the padded rows dropped. cuDNN then
+    skips the masked blocks instead of reading a mask.
+    """
+    memory = k.shape[1] - q.shape[1]
+    padded = jnp.pad(q, ((0, 0), (memory, 0), (0, 0), (0, 0)))
+    out = jax.nn.dot_product_attention(padded, k, v, scale=scale, is_causal=True, implementation=implementation)
+    return out[:, memory:]
+
+
+def default_platform() -> str:
+    """The platform a jitted forward compiles for, as lowering names it: cpu, cuda, rocm or tpu."""
+    backend = jax.default_backend()
+    if backend != "gpu":
+        return backend
+    return "rocm" if "rocm" in jax.extend.backend.get_backend().platform_version.lower() else "cuda"
+
+
+def attention_kernel(requested: str, dtype, platform: str, cached: bool) -> str:
+    """The kernel `ModelConfig.attention_impl == requested` runs at compute `dtype` on `platform`.
+
+    "auto" is cuDNN's fused kernel on CUDA at bfloat16/float16 (the dtypes it takes) for a
+    forward without a KV cache, and the float32-scores `attend` ("xla") everywhere else: cuDNN
+    on cached prefill and one-token decode steps is not yet measured. "xla" and "cudnn" are
+    taken as asked.
+    """
+    if requested != "auto":
+        return requested
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if platform == "cuda" and half and not cached else "xla"
+
+
+def attend_with(implementation: str, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, *,
+                cached: bool, causal: bool = False) -> jax.Array:
+    """`attend` (same arguments and result) by the kernel `attention_kernel` picks for `implementation`.
+
+    `cached`: the keys are a KV cache's. `causal`: `mask` is known to be the memory slots then
+    causal text (`fused_causal_attend`).
+    """
+    if attention_kernel(implementation, q.dtype, default_platform(), cached) != "cudnn":
+        return attend(q, k, v, mask, scale)
+    if causal:
+        return fused_causal_attend(q, k, v, scale, "cudnn")
+    return fused_attend(q, k, v, mask, scale, "cudnn")
 
 
 def advance_positions(next_position: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
