@@ -80,7 +80,7 @@ def abstract(tree):
     return jax.tree.map(lambda x: sds(x.shape, x.dtype), tree)
 
 
-def trace_training(trainer: KoffTrainer, rows: int, seq_len: int, eval_rows: int, eval_seq_len: int) -> dict:
+def trace_training(trainer: KoffTrainer, rows: int, seq_len: int, eval_rows: int, eval_seq_len: int) -> None:
     """Trace and lower the sharded steps: memory prefill, train / memory / eval steps, scorer, LAPE counts."""
     cfg, kcfg, backbone = trainer.cfg, trainer.kcfg, trainer.backbone
     rep = backbone.replicated
@@ -96,15 +96,13 @@ def trace_training(trainer: KoffTrainer, rows: int, seq_len: int, eval_rows: int
         batch = backbone.abstract_batch(eval_rows, eval_seq_len)
         scales = (sds((cfg.num_layers, cfg.num_heads), jnp.float32, rep),
                   sds((cfg.num_layers, cfg.d_ff), jnp.float32, rep))
-        memory = trainer.abstract_state.memory
-        losses = scorer._fn.trace(backbone.params, scales, memory, batch["domain"], batch, 1.0)
+        losses = scorer._fn.trace(backbone.params, scales, trainer.abstract_state.memory, batch["domain"], batch, 1.0)
         losses.lower()
         assert losses.out_info.shape == (eval_rows, eval_seq_len)
         graphdef = nnx.graphdef(backbone.decoder(backbone.params))
         counts, _ = jax.eval_shape(lambda params, b: lape._active_counts(
             nnx.merge(graphdef, params), b, num_domains=kcfg.num_domains), backbone.params, batch)
         assert counts.shape == (kcfg.num_domains, cfg.num_layers, cfg.d_ff)
-    return memory
 
 
 def trace_masks(cfg: ModelConfig, kcfg) -> dict[str, np.ndarray]:
@@ -113,7 +111,7 @@ def trace_masks(cfg: ModelConfig, kcfg) -> dict[str, np.ndarray]:
              "neuron": sds((cfg.num_layers, cfg.d_ff), jnp.float32)}
     if kcfg.block_gates:
         gates.update(attn=sds((cfg.num_layers,), jnp.float32), mlp=sds((cfg.num_layers,), jnp.float32))
-    jax.jit(sparsity.deterministic_masks, static_argnums=(0, 3)).trace(cfg, gates, jnp.float32(0.1),
+    jax.jit(sparsity.deterministic_masks, static_argnums=(0, 3)).trace(cfg, gates, jnp.float32(kcfg.target_sparsity),
                                                                        kcfg.sparsity_over)
     masks = baselines.random_mask(cfg, kcfg.target_sparsity, kcfg.sparsity_over)
     realised = float(sparsity.sparsity(cfg, sparsity.remaining_params(cfg, masks), kcfg.sparsity_over))
@@ -173,6 +171,6 @@ def test_pipeline_traces_at_full_size(key):
     mesh = make_mesh(dict(zip(("data", "fsdp", "model"), mesh_shape)), devices=jax.devices()[:math.prod(mesh_shape)])
     decoder = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), param_dtype=jnp.dtype(param_dtype)))
     trainer = KoffTrainer(decoder, kcfg, mesh)
-    memory = trace_training(trainer, rows, seq_len, eval_rows, eval_seq_len)
+    trace_training(trainer, rows, seq_len, eval_rows, eval_seq_len)
     masks = trace_masks(cfg, kcfg)
-    trace_serving(cfg, param_dtype, masks, memory, kcfg.lora_scale)
+    trace_serving(cfg, param_dtype, masks, trainer.abstract_state.memory, kcfg.lora_scale)
