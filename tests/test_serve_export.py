@@ -88,18 +88,23 @@ def test_merged_lora_backbone_serves_its_domain(exported, tmp_path):
         merged.generate_ids(PROMPTS[:1], ["de"], GREEDY)
 
 
-def _tiny_run(tmp_path, decoder, masks, table):
-    """A `sparsemem run` directory as the experiment writes it, for a tiny HF-folder model."""
-    from sparsemem.experiment.config import defaults
-    from sparsemem.experiment.rundir import RunDir
-
-    folder = tmp_path / "model"
+def save_model_folder(decoder, folder):
+    """`decoder` as a HF model folder with a word-level tokenizer: token i is the word `w{i}`."""
     save_hf_checkpoint(decoder, folder)
     vocab = {f"w{i}": i for i in range(decoder.cfg.vocab_size)}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     tok.decoder = tokenizers.decoders.WordPiece(prefix="##")  # joins words with spaces
     tok.save(str(folder / "tokenizer.json"))
+
+
+def _tiny_run(tmp_path, decoder, masks, table):
+    """A `sparsemem run` directory as the experiment writes it, for a tiny HF-folder model."""
+    from sparsemem.experiment.config import defaults
+    from sparsemem.experiment.rundir import RunDir
+
+    folder = tmp_path / "model"
+    save_model_folder(decoder, folder)
     config = defaults()
     config.model.source, config.model.path = "hf", str(folder)
     config.koff.lora_alpha, config.koff.lora_rank = SCALE * 2, 2

@@ -11,6 +11,7 @@ decoder's own declaration (`LAYER_AXES`).
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from sparsemem.koff.gates import scales
@@ -34,14 +35,15 @@ def kept_units(cfg: ModelConfig, masks: dict) -> tuple[np.ndarray, np.ndarray]:
 
 
 def compact(cfg: ModelConfig, weights: dict[str, jax.Array],
-            masks: dict[str, jax.Array]) -> list[dict[str, np.ndarray]]:
+            masks: dict[str, jax.Array]) -> list[dict[str, jax.Array]]:
     """Per-layer weights with only the kept units; `weights` as from `DecoderLayers.weights()`.
 
     `masks` are 0/1 gate masks (`head [L, H]`, `neuron [L, F]`, optional `attn`,
-    `mlp [L]`) as from `sparsity.deterministic_masks`.
+    `mlp [L]`) as from `sparsity.deterministic_masks`: concrete, since they fix the
+    widths. The weights may be abstract (traced under `jax.eval_shape`), so a
+    paper-size model's compaction can be checked without its weights.
     """
     head_keep, neuron_keep = kept_units(cfg, masks)
-    weights = {name: np.asarray(w) for name, w in weights.items()}
     layers = []
     for layer in range(cfg.num_layers):
         heads = np.flatnonzero(head_keep[layer])
@@ -54,7 +56,7 @@ def compact(cfg: ModelConfig, weights: dict[str, jax.Array],
             w = w[layer]
             if name in _UNIT_AXIS:
                 unit, axis = _UNIT_AXIS[name]
-                w = np.take(w, kept[unit], axis=axis)
+                w = jnp.take(w, kept[unit], axis=axis)
             out[name] = w
         layers.append(out)
     return layers

@@ -52,6 +52,8 @@ def _compile(args: argparse.Namespace) -> int:
     import jax  # noqa: PLC0415
 
     jax.config.update("jax_platforms", "cpu")  # the topology's devices are compile-only; no accelerator needed
+    # Executables for compile-only devices cannot be loaded back from the persistent cache (jax warns at each step).
+    jax.config.update("jax_enable_compilation_cache", False)
     from sparsemem.experiment.config import apply_overrides, koff_config, load_config  # noqa: PLC0415
     from sparsemem.scale import aot, topology  # noqa: PLC0415
 

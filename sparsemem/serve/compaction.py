@@ -115,9 +115,9 @@ def compact_decoder(decoder: Decoder, layout: CompactLayout) -> CompactDecoder:
     for i, weights in enumerate(per_layer):
         if tuple(weights.pop("kv_of_head").tolist()) != layout.kv_of_head(cfg, i):
             raise AssertionError(f"koff.weight_slicing and the serving layout disagree on layer {i}'s KV groups")
-    unembed = None if cfg.tie_embeddings else np.asarray(decoder.unembed[...])
-    return build_compact(cfg, layout, per_layer, np.asarray(decoder.embed[...]), np.asarray(decoder.final_norm[...]),
-                         unembed, dtype=decoder.dtype)
+    unembed = None if cfg.tie_embeddings else decoder.unembed[...]
+    return build_compact(cfg, layout, per_layer, decoder.embed[...], decoder.final_norm[...], unembed,
+                         dtype=decoder.dtype)
 
 
 def prunable_params(model: CompactDecoder) -> int:
