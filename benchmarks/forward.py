@@ -8,8 +8,9 @@ Each backend runs in its own subprocess (so peak memory is its own), alternately
 Peak memory is the largest resident set size sampled while the workload runs
 (warm-up included), and its growth over the RSS just before (weights loaded).
 GFLOP/s are the analytic forward FLOPs (`sparsemem.scale.flops.forward_flops`, the same
-count for both backends) per second; % of peak divides by a float32 matmul probe run
-in the same session.
+count for both backends) per second; % of peak divides by the machine's float32 peak
+(`hardware.peak_flops`: the cores' FMA rate at the reported clock, or the best measured
+matmul probe when the cores turbo above it).
 
     python benchmarks/forward.py [--batch 8 --seq 512 --rounds 2 --repeats 2]
 """

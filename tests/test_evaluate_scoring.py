@@ -127,7 +127,7 @@ def test_document_losses_equal_each_document_scored_alone(setup):
     assert got.count_by_offset.sum() == packed.tokens.sum() and got.count_by_offset[0] == 5
 
 
-def test_rows_are_packed_longest_first_into_the_first_row_with_room():
+def test_rows_are_packed_longest_first_into_the_row_they_fill_best():
     lengths = [3, 6, 4, 7]  # targets per document (text + EOS); in order into rows of 10: [3, 6], [4], [7]
     docs = [[[2, *range(3, 3 + n - 1)] for n in lengths]]
     packed = document_batches(docs, eos_id=1, pad_id=0, seq_len=10, batch_size=4)

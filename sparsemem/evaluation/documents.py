@@ -8,8 +8,8 @@ one that does not fit in one row of `seq_len` targets is scored in windows, each
 window starting with BOS and the `context` tokens before its first scored target
 (targets there are not scored), so every target is scored once and, past the first
 window, still sees at least `context` tokens of its document. Pieces are packed into
-rows of one domain, longest first into the first row with room (first-fit decreasing:
-a padded slot costs a scored one's compute), each its own segment with positions from
+rows of one domain, longest first into the row it fills best (best-fit decreasing: a
+padded slot costs a scored one's compute), each its own segment with positions from
 `first_position`. Two extra keys travel with each batch: `document [B, T]` (index into
 the documents, -1 for padding and unscored context) and `offset [B, T]` (the target's
 index in its document: 0 is the first token after BOS).
@@ -17,6 +17,7 @@ index in its document: 0 is the first token after BOS).
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from typing import Sequence
 
@@ -55,19 +56,22 @@ def _windows(tokens: np.ndarray, seq_len: int, context: int) -> list[tuple[np.nd
     return windows
 
 
-def _first_fit_decreasing(pieces: list[tuple[int, np.ndarray, int, int]], seq_len: int) -> list[list]:
+def _best_fit_decreasing(pieces: list[tuple[int, np.ndarray, int, int]], seq_len: int) -> list[list]:
     """`pieces` (`piece[1]` holds its inputs and targets) in rows of `seq_len` targets: longest first, each
-    into the first row with room (ties keep their order, so the rows are deterministic)."""
-    rows, free = [], []
+    into the row it fills best (least room left; ties: the earliest row), so the rows are deterministic.
+    O(pieces x log rows): every test page of a large corpus packs in seconds."""
+    rows, rooms = [], []  # rooms: sorted (room left, row) of the rows with room
     for piece in sorted(pieces, key=lambda p: -len(p[1])):
         n = len(piece[1]) - 1
-        row = next((r for r, room in enumerate(free) if room >= n), None)
-        if row is None:
+        i = bisect.bisect_left(rooms, (n, -1))
+        if i == len(rooms):
             rows.append([])
-            free.append(seq_len)
-            row = len(rows) - 1
+            room, row = seq_len, len(rows) - 1
+        else:
+            room, row = rooms.pop(i)
         rows[row].append(piece)
-        free[row] -= n
+        if room > n:
+            bisect.insort(rooms, (room - n, row))
     return rows
 
 
@@ -95,7 +99,7 @@ def document_batches(token_ids: Sequence[Sequence[Sequence[int]]], *, eos_id: in
             pieces += [(len(domains), *window) for window in _windows(tokens, seq_len, context)]
             domains.append(domain)
             lengths.append(len(tokens) - 1)
-        rows += [(domain, row) for row in _first_fit_decreasing(pieces, seq_len)]
+        rows += [(domain, row) for row in _best_fit_decreasing(pieces, seq_len)]
     batches = []
     for first in range(0, len(rows), batch_size):
         batch = _new_batch(batch_size, seq_len, pad_id)
