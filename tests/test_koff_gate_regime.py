@@ -92,8 +92,9 @@ def test_learning_moves_the_importance_start(decoder):
 
 
 def test_unit_scores_and_gate_init_must_agree(decoder):
+    compile_only = KoffTrainer(decoder, KCFG.replace(gate_init="importance"))  # steps compile without scores
     with pytest.raises(ValueError, match="needs unit_scores"):
-        KoffTrainer(decoder, KCFG.replace(gate_init="importance"))
+        compile_only.init()
     with pytest.raises(ValueError, match="takes no unit_scores"):
         KoffTrainer(decoder, KCFG, unit_scores=random_scores(0))
     with pytest.raises(ValueError, match="importance scores need arrays"):

@@ -96,7 +96,10 @@ def trace_training(trainer: KoffTrainer, rows: int, seq_len: int, eval_rows: int
         batch = backbone.abstract_batch(eval_rows, eval_seq_len)
         scales = (sds((cfg.num_layers, cfg.num_heads), jnp.float32, rep),
                   sds((cfg.num_layers, cfg.d_ff), jnp.float32, rep))
-        losses = scorer._fn.trace(backbone.params, scales, trainer.abstract_state.memory, batch["domain"], batch, 1.0)
+        losses = scoring._token_losses.trace(  # the one program every evaluation setting runs
+            backbone.params, scales, trainer.abstract_state.memory, batch["domain"], batch,
+            decoder_def=backbone.decoder_def, loss_chunk=scorer.loss_chunk, lora_scale=scorer.lora_scale,
+            rules=backbone.rules)
         losses.lower()
         assert losses.out_info.shape == (eval_rows, eval_seq_len)
         graphdef = nnx.graphdef(backbone.decoder(backbone.params))

@@ -94,11 +94,11 @@ class KoffTrainer:
                  fixed_mask: Mapping[str, np.ndarray] | None = None,
                  unit_scores: Mapping[str, np.ndarray] | None = None):
         """`unit_scores` (`{"head": [L, H], "neuron": [L, F]}`, e.g. `baselines.taylor_scores`) order the
-        importance start; required with `kcfg.gate_init = "importance"`, refused otherwise."""
-        if (kcfg.gate_init == "importance") != (unit_scores is not None):
-            raise ValueError(f"gate_init={kcfg.gate_init!r} " + ("needs unit_scores (a one-shot importance score "
-                             "per head and neuron, e.g. baselines.taylor_scores)" if unit_scores is None else
-                             "takes no unit_scores; set gate_init='importance' to start from them"))
+        importance start (`kcfg.gate_init = "importance"`); without them such a trainer compiles its steps
+        (`sparsemem compile`) but `init` refuses to start its gates."""
+        if unit_scores is not None and kcfg.gate_init != "importance":
+            raise ValueError(f"gate_init={kcfg.gate_init!r} takes no unit_scores; set gate_init='importance' to "
+                             "start the gates from them")
         self.cfg = decoder.cfg
         self.kcfg = kcfg
         self.backbone = ShardedBackbone(decoder, mesh, rules, dtype=kcfg.compute_dtype, remat=kcfg.remat)
@@ -138,6 +138,10 @@ class KoffTrainer:
     def init(self, domain_tokens: np.ndarray | None = None) -> TrainState:
         """A fresh state on the mesh; KV memory from the frozen model's cache over `domain_tokens [D, M]`,
         gates at the importance start when the trainer has `unit_scores`."""
+        if self.kcfg.gate_init == "importance" and self.start_log_alphas is None:
+            raise ValueError("gate_init='importance' needs unit_scores (a one-shot importance score per head and "
+                             "neuron, e.g. baselines.taylor_scores) to start the gates: KoffTrainer(..., "
+                             "unit_scores=...)")
         state = self._init()
         if self.start_log_alphas is not None:
             state = state.replace(gates=jax.device_put({**state.gates, **self.start_log_alphas},
