@@ -92,15 +92,16 @@ class Picked:
 
 
 def _cut(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """`scaled [B, V]` with tokens outside each row's top-k, then outside its top-p nucleus, set to -inf."""
+    """`scaled [B, V]` with tokens outside each row's top-k, then outside its top-p nucleus, set to -inf (the
+    likeliest token always stays)."""
     vocab = scaled.shape[-1]
     ordered = -jnp.sort(-scaled, axis=-1)
     rank = jnp.arange(vocab)
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
     ordered = jnp.where(rank < k[:, None], ordered, -jnp.inf)
     probs = jax.nn.softmax(ordered, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass of the likelier tokens; the likeliest always stays
-    kept = (before < top_p[:, None]) & (rank < k[:, None])
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of the likelier tokens
+    kept = ((before < top_p[:, None]) | (rank == 0)) & (rank < k[:, None])
     threshold = jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True)
     return jnp.where(scaled < threshold, -jnp.inf, scaled)
 

@@ -32,6 +32,7 @@ from typing import Callable
 import numpy as np
 
 from sparsemem.checkpoints.hf import load_hf_checkpoint, load_tokenizer
+from sparsemem.serve.chat import ChatTemplate, load_chat_template
 from sparsemem.serve.compact_decoder import CompactDecoder, RowMemory
 from sparsemem.serve.compaction import CompactLayout, compact_decoder
 from sparsemem.serve.deploy import AUTO, Deployment
@@ -60,14 +61,16 @@ class DeadlineError(RuntimeError):
 
 @dataclasses.dataclass
 class ServedModel:
-    """What a server runs: a backbone (compacted or plain), its tokenizer and, for an export, its domains' memory
-    and the router that picks a domain for `model: "auto"`."""
+    """What a server runs: a backbone (compacted, or a plain model with every unit kept), its tokenizer and chat
+    template (if the model has one) and, for an export, its domains' memory and the router that picks a domain for
+    `model: "auto"`."""
 
     name: str
     model: CompactDecoder
     tokenizer: Tokenizer
     bank: MemoryBank | None = None
     router: CentroidRouter | None = None
+    chat: ChatTemplate | None = None
 
     @classmethod
     def from_export(cls, path: str | pathlib.Path, *, offload: bool = False, name: str = "backbone") -> "ServedModel":
@@ -75,14 +78,16 @@ class ServedModel:
         if deployment.tokenizer is None:
             raise FileNotFoundError(f"{path}/backbone has no tokenizer.json; the server needs one to read text "
                                     "prompts (export the run again from a model folder with a tokenizer)")
-        return cls(name, deployment.backbone.model, deployment.tokenizer, deployment.bank, deployment.router)
+        return cls(name, deployment.backbone.model, deployment.tokenizer, deployment.bank, deployment.router,
+                   _chat_template(pathlib.Path(path) / "backbone", deployment.tokenizer))
 
     @classmethod
     def from_hf(cls, folder: str | pathlib.Path, name: str | None = None) -> "ServedModel":
         """A plain model folder, in the serving engine's layout (every unit kept, no domains)."""
         decoder = load_hf_checkpoint(folder)
         model = compact_decoder(decoder, CompactLayout.full(decoder.cfg))
-        return cls(name or pathlib.Path(folder).name, model, load_tokenizer(folder, decoder.cfg))
+        tokenizer = load_tokenizer(folder, decoder.cfg)
+        return cls(name or pathlib.Path(folder).name, model, tokenizer, chat=_chat_template(folder, tokenizer))
 
     @property
     def domains(self) -> tuple[str, ...]:
@@ -98,6 +103,15 @@ class ServedModel:
     def memory(self, domains: list[str | None]) -> RowMemory | None:
         """Per-row memory of a batch; rows of one batch either all use a domain or all use none."""
         return None if domains[0] is None else self.bank.rows(domains)
+
+
+def _chat_template(folder: pathlib.Path, tokenizer: Tokenizer) -> ChatTemplate | None:
+    source = load_chat_template(folder)
+    if source is None:
+        return None
+    special = [tokenizer.decode([i], skip_special_tokens=False) if i is not None else ""
+               for i in (tokenizer.bos_id, tokenizer.eos_id)]
+    return ChatTemplate(source, bos_token=special[0], eos_token=special[1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,13 +219,12 @@ class Scheduler:
     def _guarded_work(self) -> None:
         try:
             self._work()
-        except Exception as err:  # noqa: BLE001 - the loop died: answer everyone, /health reports it
+        except Exception as err:  # noqa: BLE001 - the loop died: answer everyone; /health reports it (not alive)
             log.exception("the decode loop died")
             self.drain()
             with self._cond:
                 while self._pending:
                     self._finish(self._pending.popleft(), err)
-            raise
 
     def _work(self) -> None:
         raise NotImplementedError
