@@ -39,7 +39,7 @@ from sparsemem.serve.server import wait_until_healthy
 WORDS = ("the capital of Germany is Berlin and the river that runs through it is the Spree while Paris lies on the "
          "Seine to open the format menu choose a style then click insert table and pick the number of rows").split()
 PROMPT_WORDS = (4, 12, 40)  # prompt lengths in words: three prompt buckets
-MAX_TOKENS = (8, 24, 48)  # output lengths
+MAX_TOKENS = (8, 16, 32)  # output lengths
 
 
 def build_export(out: pathlib.Path, fraction: float) -> pathlib.Path:
