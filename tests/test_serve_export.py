@@ -146,20 +146,25 @@ def test_cli_rounded_export_keeps_best_scored_units(exported, tmp_path):
 
 
 @pytest.mark.parametrize("damage, message", [
-    ("truncate", r"memory.safetensors is damaged or not a safetensors file"),
+    ("truncate", r"memory.safetensors is damaged or truncated \(SHA-256 .* the file changed after export\)"),
+    ("truncate-undigested", r"memory.safetensors is damaged or not a safetensors file"),
     ("foreign", r"manifest.json has format None, expected 'sparsemem-memory-module/1': not a sparsemem memory"),
     ("garbled", r"manifest.json is damaged or truncated"),
 ])
 def test_damaged_module_file_is_refused_in_one_line(exported, tmp_path, damage, message):
-    """A truncated weights file, another program's manifest, or a cut manifest: one line naming the file."""
+    """A truncated weights file (with or without a recorded digest), another program's manifest, or a cut
+    manifest: one line naming the file."""
     _, _, _, out = exported
     module = tmp_path / "de"
     module.mkdir()
     for name in ("manifest.json", "memory.safetensors"):
         (module / name).write_bytes((out / "modules" / "de" / name).read_bytes())
     weights, manifest = module / "memory.safetensors", module / "manifest.json"
-    if damage == "truncate":
+    if damage.startswith("truncate"):
         weights.write_bytes(weights.read_bytes()[:-100])
+        if damage == "truncate-undigested":  # an export from before digests: safetensors finds the damage
+            manifest.write_text(json.dumps({k: v for k, v in json.loads(manifest.read_text()).items()
+                                            if k != "sha256"}))
     elif damage == "foreign":
         manifest.write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     else:

@@ -42,8 +42,8 @@ def test_official_client_needs_the_key(server):
     good = openai.OpenAI(base_url=url, api_key=KEYS[0], max_retries=0)
     assert good.completions.create(model="de", prompt=PROMPTS[0], max_tokens=3, temperature=0).choices[0].text
     assert good.models.retrieve("fr").id == "fr"
-    for key in ("key-three", "key-on", ""):
-        with pytest.raises(openai.AuthenticationError, match="had (a wrong|no) API key"):
+    for key in ("key-three", "key-on"):
+        with pytest.raises(openai.AuthenticationError, match="had a wrong API key"):
             openai.OpenAI(base_url=url, api_key=key, max_retries=0).models.list()
     status, body, _ = request(server, "POST", "/v1/completions", b"{}", key=None)
     assert status == 401 and json.loads(body)["error"]["type"] == "authentication_error"

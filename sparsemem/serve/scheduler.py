@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import heapq
 import logging
 import pathlib
 import threading
@@ -355,12 +356,14 @@ class ContinuousScheduler(Scheduler):
         engine = SlotEngine(self.served.model, self.served.bank, self.max_batch, self.context)
         slots = self.max_batch
         active: dict[int, Request] = {}
-        free = list(range(slots))[::-1]
+        free = list(range(slots))  # a heap: the lowest free slot first, so busy slots stay at the front
         tokens, steps = np.zeros(slots, np.int32), np.zeros(slots, np.int32)
         settings = SamplingRows.of([IDLE] * slots)
+        engine.warm_up(settings)
         while self._wait_for_work(busy=bool(active)):
             with self._cond:
-                joining = [(free.pop(), self._pending.popleft()) for _ in range(min(len(free), len(self._pending)))]
+                joining = [(heapq.heappop(free), self._pending.popleft())
+                           for _ in range(min(len(free), len(self._pending)))]
                 self.running = len(active) + len(joining)
             for slot, request in joining:
                 try:
@@ -373,7 +376,7 @@ class ContinuousScheduler(Scheduler):
                 if picked is not None:
                     self._emit(request, picked, 0)
                 if request.finished:
-                    free.append(slot)
+                    heapq.heappush(free, slot)
                     continue
                 active[slot], tokens[slot], steps[slot] = request, picked.ids[0], 1
                 settings.set_row(slot, request.sampling)
@@ -388,7 +391,7 @@ class ContinuousScheduler(Scheduler):
         with self._cond:
             self.metrics.count("batches")
         try:
-            picked = engine.step(tokens, settings, steps)
+            picked = engine.step(tokens, settings, steps, busy=max(active) + 1)
         except Exception as err:  # noqa: BLE001 - the slots' state is lost: fail their requests, start empty
             log.exception("decode step of %d rows failed", len(active))
             for request in active.values():
@@ -401,7 +404,7 @@ class ContinuousScheduler(Scheduler):
                 tokens[slot], steps[slot] = picked.ids[slot], steps[slot] + 1
             if request.finished:
                 del active[slot]
-                free.append(slot)
+                heapq.heappush(free, slot)
                 settings.set_row(slot, IDLE)
 
 

@@ -68,7 +68,6 @@ class TextStream:
         self.tokenizer, self.stop, self.ids, self.sent = tokenizer, stop, [], ""
         self.hold = max(map(len, stop), default=1) - 1
         self.stopped = False
-        self.reason: str | None = None  # finish_reason once the stream ended
 
     def add(self, token: int) -> str:
         self.ids.append(token)

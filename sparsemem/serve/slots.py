@@ -3,13 +3,16 @@
 The slots' caches live on the device as one `ServeCache` whose leaves carry a leading
 slot axis (and a batch axis of 1 inside). `admit` prefills one prompt alone (its length
 padded to a multiple of `PROMPT_BUCKET`) with its domain's memory, straight into a free
-slot; `step` runs one decode step of every slot at once, each row at its own cache
+slot; `step` runs one decode step of the busy slots at once, each row at its own cache
 position (`jax.vmap` of the one-row model) with its own LoRA and sampling settings. The
-compiled programs are one prefill per prompt bucket and one decode step, whatever the
-mix of domains and settings. A slot holds `context + PROMPT_BUCKET` tokens, so a padded
+scheduler fills the lowest free slot first and a step runs the slots below the highest
+busy one, rounded up to a power of two, so a step's cost follows the load. The compiled
+programs are one prefill per prompt bucket and one decode step per power of two up to
+the slot count, whatever the mix of domains and settings. A slot holds `context + PROMPT_BUCKET` tokens, so a padded
 prompt and up to `context - len(prompt)` new tokens always fit. A row without a domain
 keeps zero memory hidden from its attention (`memory_visible`) and zero LoRA: it decodes
-as the bare backbone. Idle slots decode too (fixed shapes); their output is ignored.
+as the bare backbone. Idle slots inside the decoded range decode too (fixed shapes);
+their output is ignored.
 """
 
 from __future__ import annotations
@@ -48,8 +51,9 @@ def _admit(graphdef, state, slots: Slots, slot, tokens, segments, memory: RowMem
     return picked, slots.replace(cache=put(slots.cache, cache), lora=lora)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("slots",))
-def _decode(graphdef, state, slots: Slots, tokens, settings: SamplingRows, steps) -> tuple[Picked, Slots]:
+@functools.partial(jax.jit, static_argnames=("graphdef", "rows"), donate_argnames=("slots",))
+def _decode(graphdef, state, slots: Slots, tokens, settings: SamplingRows, steps, rows: int) -> tuple[Picked, Slots]:
+    """One decode step of the first `rows` slots (the others are left as they are)."""
     model = nnx.merge(graphdef, state)
 
     def one_row(token, cache, lora):
@@ -57,8 +61,10 @@ def _decode(graphdef, state, slots: Slots, tokens, settings: SamplingRows, steps
         hidden, cache = model(token[None, None], cache=cache, memory=memory)
         return model.logits(hidden[:, -1])[0], cache
 
-    logits, cache = jax.vmap(one_row)(tokens, slots.cache, slots.lora)
-    return pick(logits, settings, steps), slots.replace(cache=cache)
+    first = functools.partial(jax.tree.map, lambda x: x[:rows])
+    logits, cache = jax.vmap(one_row)(tokens[:rows], first(slots.cache), first(slots.lora))
+    cache = jax.tree.map(lambda every, new: every.at[:rows].set(new), slots.cache, cache)
+    return pick(logits, first(settings), steps[:rows]), slots.replace(cache=cache)
 
 
 class SlotEngine:
@@ -79,9 +85,10 @@ class SlotEngine:
         cache = self._model.init_cache(1, self.length, self.blank, np.zeros(1, bool))
         lora = self.blank.lora if self.blank is not None else ()
         scale = self.blank.lora_scale if self.blank is not None else 1.0
-        self.slots = Slots(cache=jax.tree.map(lambda x: jnp.zeros((self.count,) + x.shape, x.dtype), cache),
-                           lora=jax.tree.map(lambda x: jnp.zeros((self.count,) + x.shape, x.dtype), lora),
-                           lora_scale=scale)
+        def stacked(x):  # committed to the device, as the steps' outputs are: one compiled program per shape
+            return jax.device_put(jnp.zeros((self.count,) + x.shape, x.dtype), jax.devices()[0])
+
+        self.slots = Slots(cache=jax.tree.map(stacked, cache), lora=jax.tree.map(stacked, lora), lora_scale=scale)
 
     def admit(self, slot: int, prompt: list[int], domain: str | None, settings: SamplingRows,
               pad_id: int) -> Picked:
@@ -96,7 +103,16 @@ class SlotEngine:
                                     np.asarray([domain is not None]), settings, length=self.length)
         return jax.device_get(picked)
 
-    def step(self, tokens: np.ndarray, settings: SamplingRows, steps: np.ndarray) -> Picked:
-        """One decode step of every slot: `tokens [N]` in, each slot's next token out (host arrays `[N]`)."""
-        picked, self.slots = _decode(self.graphdef, self.state, self.slots, tokens, settings, steps)
+    def warm_up(self, settings: SamplingRows) -> None:
+        """Compile the decode step for every power of two of busy slots now rather than under load (the idle
+        slots it runs are overwritten when a request is admitted)."""
+        tokens, steps = np.zeros(self.count, np.int32), np.zeros(self.count, np.int32)
+        for busy in sorted({min(1 << k, self.count) for k in range(self.count.bit_length() + 1)}):
+            self.step(tokens, settings, steps, busy)
+
+    def step(self, tokens: np.ndarray, settings: SamplingRows, steps: np.ndarray, busy: int) -> Picked:
+        """One decode step of the slots below `busy` (rounded up to a power of two): `tokens [N]` in, those slots'
+        next tokens out (host arrays, one row per slot decoded)."""
+        rows = min(1 << (busy - 1).bit_length(), self.count)
+        picked, self.slots = _decode(self.graphdef, self.state, self.slots, tokens, settings, steps, rows=rows)
         return jax.device_get(picked)
