@@ -451,3 +451,13 @@ def test_cli_serve_drains_in_flight_requests_on_sigterm(export_dir, served):
     finally:
         process.kill()
     assert text == reference(served, PROMPTS[0], "fr", SamplingConfig(max_new_tokens=40))
+
+
+def test_chat_without_a_template_is_a_clear_400(served):
+    from sparsemem.serve.openai_api import ApiError, parse_chat
+    from sparsemem.serve.server import resolver
+
+    body = {"model": "de", "messages": [{"role": "user", "content": "w5"}]}
+    with pytest.raises(ApiError, match="model 'de' has no chat template .* use /v1/completions") as error:
+        parse_chat(body, dataclasses.replace(served, chat=None), CONTEXT, resolver(served))
+    assert error.value.status == 400 and error.value.param == "messages"
