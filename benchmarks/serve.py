@@ -32,11 +32,12 @@ from sparsemem.checkpoints.hf import load_hf_checkpoint
 from sparsemem.koff import sparsity
 from sparsemem.models.hooks import projection_shape
 from sparsemem.serve.compaction import CompactLayout, compact_decoder, prunable_params, round_masks
-from sparsemem.serve.generate import SamplingConfig, _step
+from sparsemem.serve.generate import _step
 from sparsemem.serve.memory import MemoryBank
+from sparsemem.serve.sampling import SamplingConfig, SamplingRows
 
 DOMAINS = ("en", "de", "fr", "ja")
-GREEDY = SamplingConfig(max_new_tokens=1)
+GREEDY = SamplingConfig(max_new_tokens=1)  # the rows' settings, as data
 
 
 def random_table(cfg, slots: int, rank: int, targets=("q", "v"), seed=0) -> dict[str, np.ndarray]:
@@ -81,7 +82,8 @@ class Runner:
         self.memory = bank.rows(names)
         self.graphdef, self.state = nnx.split(model)
         self.tokens = jnp.asarray(np.random.default_rng(0).integers(3, 1000, (batch, prompt_len)), jnp.int32)
-        self.inputs, self.key = {"memory": self.memory}, jax.random.key(0)
+        self.inputs, self.settings = {"memory": self.memory}, SamplingRows.of([GREEDY] * batch)
+        self.step = np.zeros(batch, np.int32)
         self.ones = jnp.ones((batch, 1), jnp.int32)
         self.run(2)  # compile prefill and decode
 
@@ -93,15 +95,15 @@ class Runner:
         cache = self.model.init_cache(self.batch, self.total, self.memory)
         jax.block_until_ready(cache)
         start = time.perf_counter()
-        ids, cache = _step(self.graphdef, self.state, self.tokens, jnp.ones_like(self.tokens), cache, self.inputs,
-                           self.key, GREEDY)
-        jax.block_until_ready(ids)
+        picked, cache = _step(self.graphdef, self.state, self.tokens, jnp.ones_like(self.tokens), cache, self.inputs,
+                              self.settings, self.step)
+        jax.block_until_ready(picked)
         prefill, decode = time.perf_counter() - start, []
         for _ in range(steps):
             start = time.perf_counter()
-            ids, cache = _step(self.graphdef, self.state, ids[:, None], self.ones, cache, self.inputs, self.key,
-                               GREEDY)
-            jax.block_until_ready((ids, during() if during else None))
+            picked, cache = _step(self.graphdef, self.state, picked.ids[:, None], self.ones, cache, self.inputs,
+                                  self.settings, self.step)
+            jax.block_until_ready((picked, during() if during else None))
             decode.append(time.perf_counter() - start)
         return prefill, decode
 

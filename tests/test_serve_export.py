@@ -148,3 +148,68 @@ def test_cli_rounded_export_keeps_best_scored_units(exported, tmp_path):
         if added and dropped:
             assert scores[layer, added].min() > scores[layer, dropped].max()
     assert Deployment.load(tmp_path / "r").generate_ids(PROMPTS, NAMES, GREEDY)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", r"memory.safetensors is damaged or truncated \(SHA-256 .* the file changed after export\)"),
+    ("truncate-undigested", r"memory.safetensors is damaged or not a safetensors file"),
+    ("foreign", r"manifest.json has format None, expected 'sparsemem-memory-module/1': not a sparsemem memory"),
+    ("garbled", r"manifest.json is damaged or truncated"),
+])
+def test_damaged_module_file_is_refused_in_one_line(exported, tmp_path, damage, message):
+    """A truncated weights file (with or without a recorded digest), another program's manifest, or a cut
+    manifest: one line naming the file."""
+    _, _, _, out = exported
+    module = tmp_path / "de"
+    module.mkdir()
+    for name in ("manifest.json", "memory.safetensors"):
+        (module / name).write_bytes((out / "modules" / "de" / name).read_bytes())
+    weights, manifest = module / "memory.safetensors", module / "manifest.json"
+    if damage.startswith("truncate"):
+        weights.write_bytes(weights.read_bytes()[:-100])
+        if damage == "truncate-undigested":  # an export from before digests: safetensors finds the damage
+            manifest.write_text(json.dumps({k: v for k, v in json.loads(manifest.read_text()).items()
+                                            if k != "sha256"}))
+    elif damage == "foreign":
+        manifest.write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    else:
+        manifest.write_text(manifest.read_text()[:40])
+    with pytest.raises(ModuleMismatchError, match=message) as error:
+        load_memory_module(module)
+    assert "\n" not in str(error.value) and str(module) in str(error.value)
+
+
+def test_export_writes_every_file_through_a_rename(exported, tmp_path, monkeypatch):
+    """Every file of an export appears by a rename of a finished temporary file (a crash leaves old or new, never
+    half a file)."""
+    import os
+
+    decoder, masks, table, _ = exported
+    out = tmp_path / "export"
+    renamed, real_replace = set(), os.replace
+
+    def spy(source, target, *args, **kwargs):
+        renamed.add(os.fspath(target))
+        return real_replace(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", spy)
+    export(decoder, masks, table, DOMAINS, SCALE, out)
+    written = {os.fspath(p) for p in out.rglob("*") if p.is_file()}
+    assert len(written) >= 8 and written <= renamed, written - renamed
+
+
+@pytest.mark.parametrize("name", ["modules/fr/memory.safetensors", "backbone/model.safetensors"])
+def test_one_changed_byte_is_refused_naming_the_file(exported, tmp_path, name):
+    """Every exported file's SHA-256 is recorded at export and checked before loading."""
+    _, _, _, out = exported
+    copy = tmp_path / "copy"
+    for p in out.rglob("*"):
+        if p.is_file():
+            (copy / p.relative_to(out)).parent.mkdir(parents=True, exist_ok=True)
+            (copy / p.relative_to(out)).write_bytes(p.read_bytes())
+    data = bytearray((copy / name).read_bytes())
+    data[len(data) // 2] ^= 1
+    (copy / name).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="changed after export") as error:
+        Deployment.load(copy)
+    assert str(copy / name) in str(error.value) and "\n" not in str(error.value)

@@ -1,5 +1,6 @@
 """One domain's memory module on disk: `memory.safetensors` + `manifest.json`, and fingerprints.
 
+The manifest also records the SHA-256 of the weights file, checked before loading.
 A module holds the domain's row of the memory table at full width (the training
 layout: `k, v [L, M, Hkv, Dh]`, `{proj}_a [L, in, r]`, `{proj}_b [L, r, out]`), so
 it fits the masked model and any compaction of the same mask alike; serving slices
@@ -22,6 +23,7 @@ from typing import Iterable, Mapping
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from sparsemem.files import DamagedFileError, atomic_write, read_json, write_json
 from sparsemem.koff.gates import scales
 from sparsemem.models.config import ModelConfig, to_hf_config
 from sparsemem.models.hooks import PROJECTIONS, projection_shape
@@ -32,6 +34,26 @@ MANIFEST, WEIGHTS = "manifest.json", "memory.safetensors"
 
 class ModuleMismatchError(ValueError):
     """A memory module does not belong to the backbone it is loaded into."""
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_digests(folder: str | os.PathLike, digests: Mapping[str, str], fix: str) -> None:
+    """Raise `DamagedFileError` naming the first file in `folder` whose SHA-256 is not the recorded one."""
+    folder = pathlib.Path(folder)
+    for name, want in sorted(digests.items()):
+        path = folder / name
+        got = file_digest(path) if path.is_file() else "missing"
+        if got != want:
+            raise DamagedFileError(path, f"SHA-256 {got[:16]}..., but {want[:16]}... was recorded at export: the "
+                                         "file changed after export", fix)
 
 
 def params_fingerprint(cfg: ModelConfig, params: Iterable[tuple[str, np.ndarray]]) -> str:
@@ -98,37 +120,51 @@ class MemoryModule:
 
 
 def save_memory_module(module: MemoryModule, path: str | os.PathLike) -> pathlib.Path:
-    """Write `path/manifest.json` and `path/memory.safetensors` (weights first: the manifest marks completion)."""
+    """Write `path/memory.safetensors` then `path/manifest.json` (the manifest marks completion), each through a
+    temporary file and a rename."""
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
     arrays = {name: np.ascontiguousarray(np.asarray(x, np.float32)) for name, x in module.arrays.items()}
-    save_file(arrays, str(path / WEIGHTS))
+    atomic_write(path / WEIGHTS, lambda tmp: save_file(arrays, str(tmp)))
     manifest = {
         "format": FORMAT, "domain": module.domain, "lora_scale": module.lora_scale,
         "memory_slots": module.slots, "lora_rank": module.lora_rank, "lora_targets": list(module.lora_targets),
         "shapes": {name: list(x.shape) for name, x in arrays.items()}, "dtype": "float32",
         "base_fingerprint": module.base_fingerprint, "mask_fingerprint": module.mask_fingerprint,
+        "sha256": {WEIGHTS: file_digest(path / WEIGHTS)},
     }
     if module.centroid is not None:
         manifest["routing"] = {"layer": int(module.routing_layer),
                                "centroid": np.asarray(module.centroid, np.float32).tolist()}
-    tmp = path / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, path / MANIFEST)
+    write_json(path / MANIFEST, manifest)
     return path
 
 
 def load_memory_module(path: str | os.PathLike, *, base_fingerprint: str | None = None,
                        mask_fingerprint: str | None = None) -> MemoryModule:
-    """Read a module; with fingerprints given, refuse a module made for another base model or mask."""
+    """Read a module; refuse one whose weights file is not the one exported (SHA-256 in the manifest), damaged, or,
+    with fingerprints given, made for another base model or mask."""
     path = pathlib.Path(path)
     if not (path / MANIFEST).exists() or not (path / WEIGHTS).exists():
         raise FileNotFoundError(f"{path} is not a memory module: expected {MANIFEST} and {WEIGHTS} "
                                 "(written by `sparsemem export`)")
-    manifest = json.loads((path / MANIFEST).read_text())
-    if manifest.get("format") != FORMAT:
-        raise ModuleMismatchError(f"{path / MANIFEST} has format {manifest.get('format')!r}, expected {FORMAT!r}")
-    arrays = load_file(str(path / WEIGHTS))
+    fix = "export the module again (`sparsemem export`)"
+    try:
+        manifest = read_json(path / MANIFEST, fix)
+    except DamagedFileError as err:
+        raise ModuleMismatchError(str(err)) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ModuleMismatchError(f"{path / MANIFEST} has format {found!r}, expected {FORMAT!r}: not a sparsemem "
+                                  f"memory module; {fix}")
+    try:
+        verify_digests(path, manifest.get("sha256") or {}, fix)  # manifests written before hashes: none to check
+    except DamagedFileError as err:
+        raise ModuleMismatchError(str(err)) from None
+    try:
+        arrays = load_file(str(path / WEIGHTS))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for a truncated/foreign file
+        raise ModuleMismatchError(f"{path / WEIGHTS} is damaged or not a safetensors file ({err}); {fix}") from None
     shapes = {name: list(x.shape) for name, x in arrays.items()}
     if shapes != manifest["shapes"]:
         raise ModuleMismatchError(f"{path / WEIGHTS} holds {shapes} but its manifest lists {manifest['shapes']}; "

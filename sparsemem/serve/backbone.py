@@ -3,7 +3,8 @@
 `config.json` is the base model's Hugging Face config with a `sparsemem` section:
 format, per-layer widths, the layout (original indices of kept heads, KV heads,
 neurons), the fingerprints of the base model and of the training mask, and the
-domain whose LoRA was merged into the weights (if any). Tensors use the Hugging
+domain whose LoRA was merged into the weights (if any), and the SHA-256 of every other
+file of the folder (checked before loading). Tensors use the Hugging
 Face names of the base model; each layer's shapes are its kept widths.
 """
 
@@ -19,7 +20,9 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from sparsemem.checkpoints.hf import SafetensorsFolder, TensorMap, atomic_write, tensor_maps
+from sparsemem.checkpoints.memory_module import file_digest, verify_digests
 from sparsemem.models.config import from_hf_config, layer_shapes, to_hf_config
+from sparsemem.serve.chat import TEMPLATE_FILES
 from sparsemem.serve.compaction import CompactLayout, build_compact
 from sparsemem.serve.compact_decoder import CompactDecoder
 
@@ -52,7 +55,8 @@ def _to_hf(tmap: TensorMap, ours: np.ndarray) -> np.ndarray:
 
 
 def save_backbone(backbone: Backbone, path: str | os.PathLike, tokenizer_file: str | os.PathLike | None = None) -> None:
-    """Write `config.json`, `model.safetensors` (and a copy of `tokenizer_file`) into `path`."""
+    """Write `config.json`, `model.safetensors` (and copies of `tokenizer_file` and the chat template files next to
+    it) into `path`, each through a temporary file."""
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model, cfg = backbone.model, backbone.model.cfg
@@ -65,18 +69,24 @@ def save_backbone(backbone: Backbone, path: str | os.PathLike, tokenizer_file: s
         for name in layer_shapes(cfg):
             tmap = maps[f"layers.{name}"]
             tensors[tmap.hf_name.format(layer=i)] = _to_hf(tmap, np.asarray(getattr(blk, name)[...]))
+    atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    written = ["model.safetensors"]
+    if tokenizer_file is not None:  # the tokenizer and, where the model has them, its chat template files
+        source = pathlib.Path(tokenizer_file)
+        for name, origin in [("tokenizer.json", source)] + [(n, source.parent / n) for n in TEMPLATE_FILES]:
+            if origin.is_file():
+                atomic_write(path / name, lambda tmp, origin=origin: shutil.copyfile(origin, tmp))
+                written.append(name)
     hf = to_hf_config(cfg)
     hf["sparsemem"] = {"format": FORMAT, "widths": backbone.layout.widths(), "layout": backbone.layout.to_json(),
                        "base_fingerprint": backbone.base_fingerprint, "mask_fingerprint": backbone.mask_fingerprint,
-                       "merged_lora_domain": backbone.merged_domain}
-    atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    if tokenizer_file is not None:
-        shutil.copyfile(tokenizer_file, path / "tokenizer.json")
+                       "merged_lora_domain": backbone.merged_domain,
+                       "sha256": {name: file_digest(path / name) for name in written}}
     atomic_write(path / "config.json", lambda tmp: tmp.write_text(json.dumps(hf, indent=1)))
 
 
 def load_backbone(path: str | os.PathLike) -> Backbone:
-    """Read a backbone written by `save_backbone`."""
+    """Read a backbone written by `save_backbone`, after checking its files' SHA-256 against `config.json`."""
     path = pathlib.Path(path)
     config_file = path / "config.json"
     if not config_file.exists():
@@ -87,6 +97,7 @@ def load_backbone(path: str | os.PathLike) -> Backbone:
     if not meta or meta.get("format") != FORMAT:
         raise ValueError(f"{config_file} is not a compacted sparsemem backbone (no 'sparsemem' section of format "
                          f"{FORMAT!r}); load plain Hugging Face folders with load_hf_checkpoint")
+    verify_digests(path, meta.get("sha256") or {}, "export the run again (`sparsemem export`)")
     cfg = from_hf_config(hf)
     layout = CompactLayout.from_json(meta["layout"])
     folder = SafetensorsFolder(path)

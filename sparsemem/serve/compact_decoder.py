@@ -65,7 +65,9 @@ class RowMemory:
 class ServeCache:
     """Per-layer keys/values `[B, M + S, K'_l, Dh]`: M memory slots, then S token slots.
 
-    `segment_ids [B, S]`, `next_position [B]` and `index` (token slots written) as in `KVCache`.
+    `segment_ids [B, S]`, `next_position [B]` and `index` (token slots written) as in `KVCache`;
+    `memory_visible [B]` (with memory slots) says which rows attend to theirs, so a row
+    without a domain can share a batch with rows that have one.
     """
 
     k: tuple
@@ -73,6 +75,7 @@ class ServeCache:
     segment_ids: jax.Array
     next_position: jax.Array
     index: jax.Array
+    memory_visible: jax.Array | None = None
     memory_slots: int = struct.field(pytree_node=False, default=0)
 
     @property
@@ -125,8 +128,10 @@ class CompactDecoder(nnx.Module):
             self.unembed = nnx.Param(jnp.asarray(unembed))
         self.blocks = nnx.List(blocks)
 
-    def init_cache(self, batch: int, max_len: int, memory: RowMemory | None = None) -> ServeCache:
-        """An empty cache for `max_len` tokens, starting with `memory`'s KV slots (if any)."""
+    def init_cache(self, batch: int, max_len: int, memory: RowMemory | None = None,
+                   memory_visible: jax.Array | None = None) -> ServeCache:
+        """An empty cache for `max_len` tokens, starting with `memory`'s KV slots (if any), visible to the rows
+        where `memory_visible [B]` is true (default: all)."""
         m = memory.slots if memory is not None else 0
         ks, vs = [], []
         for i, blk in enumerate(self.blocks):
@@ -140,6 +145,8 @@ class CompactDecoder(nnx.Module):
                 vs.append(jnp.zeros(shape, self.dtype))
         return ServeCache(k=tuple(ks), v=tuple(vs), segment_ids=jnp.zeros((batch, max_len), jnp.int32),
                           next_position=jnp.full((batch,), m, jnp.int32), index=jnp.zeros((), jnp.int32),
+                          memory_visible=(jnp.ones((batch,), bool) if memory_visible is None
+                                          else jnp.asarray(memory_visible, bool)) if m else None,
                           memory_slots=m)
 
     def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
@@ -159,6 +166,8 @@ class CompactDecoder(nnx.Module):
         x, inputs = forward.prologue(cfg, self.embed[...], tokens, dtype=self.dtype, positions=positions,
                                      segment_ids=segment_ids, cache=cache, first_position=slots,
                                      memory_slots=cache.memory_slots if cache is not None else slots)
+        if cache is not None and cache.memory_visible is not None:
+            inputs = _hide_memory(inputs, cache.memory_slots, cache.memory_visible)
         new_k, new_v = [], []
         for i, blk in enumerate(self.blocks):
             hooks = memory.layer_hooks(i, with_kv=cache is None) if memory is not None else LayerHooks()
@@ -184,3 +193,12 @@ class CompactDecoder(nnx.Module):
     def num_params(self) -> int:
         return sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param)))
 
+
+
+def _hide_memory(inputs: forward.Inputs, slots: int, visible: jax.Array) -> forward.Inputs:
+    """`inputs` with the first `slots` keys masked for the rows where `visible [B]` is false."""
+    def hide(mask):
+        if mask is None:
+            return None
+        return mask.at[:, :, :slots].set(mask[:, :, :slots] & visible[:, None, None])
+    return inputs.replace(global_mask=hide(inputs.global_mask), local_mask=hide(inputs.local_mask))

@@ -1,0 +1,118 @@
+"""Decode slots for continuous batching: a fixed set of rows, each with its own cache, domain and sampling.
+
+The slots' caches live on the device as one `ServeCache` whose leaves carry a leading
+slot axis (and a batch axis of 1 inside). `admit` prefills one prompt alone (its length
+padded to a multiple of `PROMPT_BUCKET`) with its domain's memory, straight into a free
+slot; `step` runs one decode step of the busy slots at once, each row at its own cache
+position (`jax.vmap` of the one-row model) with its own LoRA and sampling settings. The
+scheduler fills the lowest free slot first and a step runs the slots below the highest
+busy one, rounded up to a power of two, so a step's cost follows the load. The compiled
+programs are one prefill per prompt bucket and one decode step per power of two up to
+the slot count, whatever the mix of domains and settings. A slot holds `context + PROMPT_BUCKET` tokens, so a padded
+prompt and up to `context - len(prompt)` new tokens always fit. A row without a domain
+keeps zero memory hidden from its attention (`memory_visible`) and zero LoRA: it decodes
+as the bare backbone. Idle slots inside the decoded range decode too (fixed shapes);
+their output is ignored.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from sparsemem.serve.compact_decoder import CompactDecoder, RowMemory, ServeCache
+from sparsemem.serve.generate import PROMPT_BUCKET
+from sparsemem.serve.memory import MemoryBank
+from sparsemem.serve.sampling import Picked, SamplingRows, pick
+
+
+@struct.dataclass
+class Slots:
+    """Every slot's cache (leaves `[N, ...]`) and LoRA (per layer `{proj: (a [N, 1, in, r], b [N, 1, r, out])}`)."""
+
+    cache: ServeCache
+    lora: tuple
+    lora_scale: float = struct.field(pytree_node=False, default=1.0)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "length"), donate_argnames=("slots",))
+def _admit(graphdef, state, slots: Slots, slot, tokens, segments, memory: RowMemory | None, visible,
+           settings: SamplingRows, length: int) -> tuple[Picked, Slots]:
+    model = nnx.merge(graphdef, state)
+    cache = model.init_cache(1, length, memory, visible)
+    hidden, cache = model(tokens, segment_ids=segments, cache=cache, memory=memory)
+    picked = pick(model.logits(hidden[:, -1]), settings, jnp.zeros((1,), jnp.int32))
+    put = functools.partial(jax.tree.map, lambda every, one: every.at[slot].set(one))
+    lora = put(slots.lora, memory.lora) if slots.lora else ()
+    return picked, slots.replace(cache=put(slots.cache, cache), lora=lora)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "rows"), donate_argnames=("slots",))
+def _decode(graphdef, state, slots: Slots, tokens, settings: SamplingRows, steps, rows: int) -> tuple[Picked, Slots]:
+    """One decode step of the first `rows` slots (the others are left as they are)."""
+    model = nnx.merge(graphdef, state)
+
+    def one_row(token, cache, lora):
+        memory = RowMemory(k=(), v=(), lora=lora, lora_scale=slots.lora_scale) if lora else None
+        hidden, cache = model(token[None, None], cache=cache, memory=memory)
+        return model.logits(hidden[:, -1])[0], cache
+
+    first = functools.partial(jax.tree.map, lambda x: x[:rows])
+    logits, cache = jax.vmap(one_row)(tokens[:rows], first(slots.cache), first(slots.lora))
+    cache = jax.tree.map(lambda every, new: every.at[:rows].set(new), slots.cache, cache)
+    return pick(logits, first(settings), steps[:rows]), slots.replace(cache=cache)
+
+
+class SlotEngine:
+    """`count` decode slots of `model` (with `bank`'s domains) for prompts + new tokens up to `context`."""
+
+    def __init__(self, model: CompactDecoder, bank: MemoryBank | None, count: int, context: int):
+        if count < 1:
+            raise ValueError(f"need at least one decode slot, got {count}")
+        self.bank, self.count = bank, count
+        self.length = -(-context // PROMPT_BUCKET) * PROMPT_BUCKET + PROMPT_BUCKET
+        self.graphdef, self.state = nnx.split(model)
+        self._model = model
+        self.blank = (jax.tree.map(jnp.zeros_like, bank.rows(bank.domains[:1])) if bank is not None else None)
+        self.reset()
+
+    def reset(self) -> None:
+        """Every slot empty (after a failed step left the donated state unusable)."""
+        cache = self._model.init_cache(1, self.length, self.blank, np.zeros(1, bool))
+        lora = self.blank.lora if self.blank is not None else ()
+        scale = self.blank.lora_scale if self.blank is not None else 1.0
+        def stacked(x):  # committed to the device, as the steps' outputs are: one compiled program per shape
+            return jax.device_put(jnp.zeros((self.count,) + x.shape, x.dtype), jax.devices()[0])
+
+        self.slots = Slots(cache=jax.tree.map(stacked, cache), lora=jax.tree.map(stacked, lora), lora_scale=scale)
+
+    def admit(self, slot: int, prompt: list[int], domain: str | None, settings: SamplingRows,
+              pad_id: int) -> Picked:
+        """Prefill `prompt` with `domain`'s memory (None: none) into `slot`; its first token (host arrays `[1]`)."""
+        padded = -(-len(prompt) // PROMPT_BUCKET) * PROMPT_BUCKET
+        tokens = np.full((1, padded), pad_id, np.int32)
+        segments = np.zeros((1, padded), np.int32)
+        tokens[0, padded - len(prompt):] = prompt
+        segments[0, padded - len(prompt):] = 1
+        memory = self.bank.rows([domain]) if domain is not None else self.blank
+        picked, self.slots = _admit(self.graphdef, self.state, self.slots, np.int32(slot), tokens, segments, memory,
+                                    np.asarray([domain is not None]), settings, length=self.length)
+        return jax.device_get(picked)
+
+    def warm_up(self, settings: SamplingRows) -> None:
+        """Compile the decode step for every power of two of busy slots now rather than under load (the idle
+        slots it runs are overwritten when a request is admitted)."""
+        tokens, steps = np.zeros(self.count, np.int32), np.zeros(self.count, np.int32)
+        for busy in sorted({min(1 << k, self.count) for k in range(self.count.bit_length() + 1)}):
+            self.step(tokens, settings, steps, busy)
+
+    def step(self, tokens: np.ndarray, settings: SamplingRows, steps: np.ndarray, busy: int) -> Picked:
+        """One decode step of the slots below `busy` (rounded up to a power of two): `tokens [N]` in, those slots'
+        next tokens out (host arrays, one row per slot decoded)."""
+        rows = min(1 << (busy - 1).bit_length(), self.count)
+        picked, self.slots = _decode(self.graphdef, self.state, self.slots, tokens, settings, steps, rows=rows)
+        return jax.device_get(picked)
