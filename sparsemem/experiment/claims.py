@@ -124,6 +124,8 @@ def loss_claims(per_seed: Sequence[dict], *, resamples: int, seed: int = 0) -> l
         needs=("pruned_kv", "koff"))
     add("joint training beats prune-then-memory (same steps)", "loss(prune then memory) - loss(KOFF)",
         diff("prune_then_memory", "koff"), needs=("prune_then_memory", "koff"))
+    add("KOFF from this run's gate start beats KOFF from the uniform start", f"loss({label.get('koff_uniform')}) - "
+        "loss(KOFF)", diff("koff_uniform", "koff"), needs=("koff_uniform", "koff"))
     for start in ("uniform", "importance"):
         name = f"koff_{start}"
         add(f"KOFF ({start} gate start) beats the Taylor-score mask + memories",
