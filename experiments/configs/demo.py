@@ -8,10 +8,12 @@ evaluation 12.7 min); 28.1 min at 976ce3b on an earlier machine, the breakdown b
   4 x 128-token step (1.28x the step at 9061361) plus compiles; random_mask and score_mask
   train nothing (frozen mask, no memory); Taylor scores on 4 calibration batches 15 s.
   Measured 11.0 min.
-- evaluation: 12 settings x 8 whole test pages per domain (8,966 targets in 1024-target
-  windows, 55-72 s per setting), memory swap 4 x 16 paragraphs per domain (~1 min), multiple
-  choice, 8 questions per domain and task for 2 settings (~1.5 min). Measured 16.1 min
-  (14.3 min in an earlier quiet run of the same evaluation).
+- evaluation: 12 settings x 18 whole test pages per domain (13,588 targets packed best-fit into
+  15 rows of 1024 targets, the 4 batches per setting that 8 pages took before the packing, all
+  settings sharing 2 compiled programs; docs/benchmarks.md), memory swap 4 x 16 paragraphs per
+  domain (~1 min), multiple choice, 8 questions per domain and task for 2 settings (~1.5 min).
+  Measured 12.7 min at e2d3729 with 8 pages; the 18-page evaluation is projected from its batch
+  count, not yet timed in a whole demo run.
 - LAPE on 2,000 tokens per domain (one forward per batch) 0.5 min; setup 0.5 min.
 The budget is spent: more steps or pages need a faster evaluation first.
 At this size the intervals are wide: the report's verdicts say so (most comparisons come
