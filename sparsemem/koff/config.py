@@ -71,7 +71,7 @@ class KoffConfig:
     compute_dtype: Literal["float32", "bfloat16"] = "float32"  # trainables stay float32
     # Decoder layer rematerialisation. "dots" keeps the weight products' outputs and recomputes the
     # rest (+3.6% FLOPs): on the 2-core CPU it ran 1.13x faster than "none" at 4 x 256 with 0.66x the
-    # peak memory, and brings 8 x 512 from 10 to 3 GiB of XLA temporaries (README, Benchmarks).
+    # peak memory, and brings 8 x 512 from 10 to 3 GiB of XLA temporaries (docs/benchmarks.md).
     remat: Literal["none", "full", "dots"] = "dots"
     seed: int = 0
 
