@@ -20,6 +20,7 @@ import pytest
 from flax import nnx
 
 from sparsemem.analysis import lape
+from sparsemem.evaluation import scoring
 from sparsemem.evaluation.scoring import Scorer
 from sparsemem.experiment.config import koff_config, load_config
 from sparsemem.koff import baselines, sparsity
