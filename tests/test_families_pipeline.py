@@ -20,7 +20,7 @@ from sparsemem import cli
 from sparsemem.models.config import from_hf_config, preset
 from sparsemem.serve.deploy import Deployment
 from sparsemem.serve.generate import SamplingConfig
-from sparsemem.serve.scheduler import Scheduler, ServedModel
+from sparsemem.serve.scheduler import ContinuousScheduler, ServedModel
 from sparsemem.serve.server import BackgroundServer, create_app
 from test_serve_compact import random_decoder
 from test_serve_export import save_model_folder
@@ -80,7 +80,8 @@ def served_answer(export: pathlib.Path) -> tuple[str, str]:
         async with aiohttp.ClientSession() as session:
             return await post(session, url, body)
 
-    with BackgroundServer(create_app(Scheduler(model, max_batch=2, max_queue=4, window_s=0.01), context=64)) as server:
+    with BackgroundServer(create_app(ContinuousScheduler(model, context=64, max_batch=2, max_queue=4),
+                                     context=64)) as server:
         status, answer = asyncio.run(ask(server.url))
     assert status == 200, answer
     return answer["choices"][0]["text"], reference(model, PROMPT, "alpha", SamplingConfig(max_new_tokens=6))
