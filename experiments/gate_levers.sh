@@ -2,11 +2,11 @@
 # The gate regime's levers on the validation split (issue #29, docs/experiments.md "Gate levers"): KOFF alone
 # at the study's setup and one budget, one factor at a time around the study's recipe, each run resumable,
 # then one `sparsemem compare` table whose last column is each point's loss minus the base point's, paired
-# over the same validation pages. Usage: experiments/gate_levers.sh [STEPS [SEEDS]]  (default 20 steps, 1 seed)
+# by seed and validation page. Usage: experiments/gate_levers.sh [STEPS [SEEDS]]  (default 20 steps, 2 seeds)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps="${1:-20}"
-seeds="${2:-1}"
+seeds="${2:-2}"
 base=(--set eval.split=validation --set "train.variants=('koff',)" --set "train.steps=$steps"
       --set "train.seeds=$seeds" --set "study.budgets=()" --set "eval.settings=('pruned','koff')")
 declare -A points=(
@@ -15,10 +15,11 @@ declare -A points=(
   [short_ramp]="koff.warmup_fraction=0.2"
   [one_sample]="koff.gate_samples=1"
   [distill]="koff.kl_weight=1.0"
+  [gate_lr_0.1]="koff.gate_lr=0.1"
   [gate_lr_1]="koff.gate_lr=1.0"
   [spread_2]="koff.importance_spread=2.0"
 )
-order=(base uniform_start short_ramp one_sample distill gate_lr_1 spread_2)
+order=(base uniform_start short_ramp one_sample distill gate_lr_0.1 gate_lr_1 spread_2)
 for point in "${order[@]}"; do
   extra=()
   [[ -n "${points[$point]}" ]] && extra=(--set "${points[$point]}")

@@ -132,7 +132,7 @@ def _mean_sd(values: list[float]) -> str:
 def comparison_table(runs: list[RunDir]) -> str:
     """One row per run: sparsity, seeds, geo-mean perplexity per setting (mean +- sd across seeds), swap wins,
     MC accuracy, the LAPE effect of KOFF's mask (seed 0) with its interval, and KOFF's loss against the first
-    run's with a paired interval (`vs_first_run`)."""
+    run's with an interval paired by seed and document (`vs_first_run`)."""
     evals = [seed_evals(run) for run in runs]
     settings = list(dict.fromkeys(name for seeds in evals for name in seeds[0]["perplexity"]))
     accuracies = [[mc_by_task(results)[0] for results in seeds] for seeds in evals]
@@ -140,7 +140,7 @@ def comparison_table(runs: list[RunDir]) -> str:
     header = (["run", "sparsity", "seeds"] + [evals[0][0]["settings"].get(n, n) for n in settings]
               + ["own memory best"] + [f"MC {task} (KOFF)" for task in tasks]
               + ["LAPE: specific neurons removed vs chance (KOFF)", "KOFF loss - first run [95% CI]"])
-    vs_first = vs_first_run([seeds[0] for seeds in evals], resamples=runs[0].config().eval.resamples)
+    vs_first = vs_first_run(evals, resamples=runs[0].config().eval.resamples)
     rows = []
     for run, seeds, accuracy, difference in zip(runs, evals, accuracies, vs_first):
         analysis = run.read_json("analysis.json") or {"tests": {}}
@@ -155,22 +155,26 @@ def comparison_table(runs: list[RunDir]) -> str:
     return _table(header, rows)
 
 
-def vs_first_run(results: list[dict], setting: str = "koff", *, resamples: int) -> list[str]:
-    """Each run's `setting` loss minus the first run's (nats/token, seed 0), with a paired 95% interval over
-    the documents: the comparison a learning-rate sweep needs. Runs that scored other documents get "n/a"."""
-    first = results[0]
-    if "document_loss" not in first or setting not in first["document_loss"]:
-        return ["n/a"] * len(results)
-    reference, strata = claims_lib.loss_statistics(first)
+def vs_first_run(runs: list[list[dict]], setting: str = "koff", *, resamples: int) -> list[str]:
+    """Each run's `setting` loss minus the first run's (nats/token), paired by seed and document, with the
+    claims' two-way 95% interval over the seeds both runs finished x the documents: the comparison a sweep
+    needs. `runs` holds each run's eval.json per seed (`seed_evals`); runs that scored other documents get
+    "n/a"."""
+    first = runs[0]
+    if "document_loss" not in first[0] or setting not in first[0]["document_loss"]:
+        return ["n/a"] * len(runs)
+    reference = [claims_lib.loss_statistics(results) for results in first]
+    strata = reference[0][1]
     out = ["reference"]
-    for other in results[1:]:
-        if (other.get("documents") != first["documents"] or other["domains"] != first["domains"]
-                or setting not in other.get("document_loss", {})):
+    for seeds in runs[1:]:
+        if any(results.get("documents") != first[0]["documents"] or results["domains"] != first[0]["domains"]
+               or setting not in results.get("document_loss", {}) for results in seeds):
             out.append("n/a (other documents)")
             continue
-        loss = claims_lib.loss_statistics(other)[0][setting]
-        out.append(str(bootstrap.bootstrap(bootstrap.difference(loss, reference[setting]), strata,
-                                           resamples=resamples)))
+        paired = [bootstrap.difference(claims_lib.loss_statistics(results)[0][setting], reference[k][0][setting])
+                  for k, results in enumerate(seeds[:len(first)])]
+        interval = str(bootstrap.bootstrap(paired, strata, resamples=resamples))
+        out.append(interval if len(paired) == 1 else f"{interval} ({len(paired)} seeds)")
     return out
 
 
