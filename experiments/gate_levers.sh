@@ -21,7 +21,7 @@ declare -A points=(
   [gate_frac_0.5]="koff.gate_fraction=0.5"
   [gate_frac_0.25]="koff.gate_fraction=0.25"
 )
-order=(base uniform_start short_ramp one_sample distill gate_lr_0.1 gate_lr_1 gate_frac_0.5 gate_frac_0.25)
+order=(base gate_frac_0.25 gate_frac_0.5 one_sample short_ramp distill gate_lr_1 gate_lr_0.1 uniform_start)
 for point in "${order[@]}"; do
   extra=()
   [[ -n "${points[$point]}" ]] && extra=(--set "${points[$point]}")
