@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from sparsemem import cli
+from sparsemem.evaluation.scoring import Scorer
 from sparsemem.koff.config import KoffConfig
 from sparsemem.models.config import preset, to_hf_config
 from sparsemem.models.decoder import Decoder
@@ -24,6 +25,7 @@ needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
 # one loss chunk per device, so XLA's loop-agnostic cost analysis is comparable too.
 CFG = preset("llama-3.2-1b").replace(num_layers=1, vocab_size=4096, d_model=512, d_ff=1536, num_heads=8,
                                      num_kv_heads=2, head_dim=64)
+EVAL_ROWS, EVAL_SEQ_LEN = 8, 512  # the evaluation program's rows: eval.batch_size x eval.seq_len
 CONFIG = """
 from sparsemem.experiment.config import defaults
 def get_config():
@@ -34,6 +36,7 @@ def get_config():
     c.data.seq_len = 256
     c.data.batch_size = 8
     c.eval.batch_size = 8
+    c.eval.seq_len = 512
     c.koff.memory_slots = 16
     c.koff.lora_rank = 8
     c.koff.loss_chunk = 512
@@ -64,15 +67,15 @@ def test_compile_v5p_8_fits_and_counts_flops(tmp_path, capsys):
     out = tmp_path / "report.json"
     assert cli.main(["compile", "--config", str(config), "--topology", "v5p-8", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| train | 8 x 256 |" in printed and "| eval | 8 x 256 |" in printed and "**no**" not in printed
+    assert "| train | 8 x 256 |" in printed and "| eval | 8 x 512 |" in printed and "**no**" not in printed
     report = json.loads(out.read_text())
     assert report["chips"] == 4 and report["fits"]
     kcfg = KoffConfig(num_domains=4, memory_slots=16, lora_rank=8, loss_chunk=512)
     for step in report["steps"]:
         assert 0 < step["peak_bytes"] < report["hbm_bytes"]
         assert step["argument_bytes"] > 0 and step["temp_bytes"] > 0
-        analytic = (flops.train_step_flops if step["name"] == "train" else flops.eval_step_flops)(
-            CFG, kcfg, 8, 256)
+        analytic = (flops.train_step_flops(CFG, kcfg, 8, 256) if step["name"] == "train" else
+                    flops.score_flops(CFG, kcfg, EVAL_ROWS, EVAL_SEQ_LEN))
         assert step["analytic_flops"] == analytic
         assert step["program_flops"] == pytest.approx(analytic, rel=0.1)
         # The compiled executable's own count (per chip) counts each loop body once (the loss's token chunks
@@ -93,10 +96,9 @@ def test_analytic_flops_match_the_traced_steps(change):
     with trainer.backbone.context():
         fn, args = trainer.compilable_step("train", 8, 64)
         train = fn.trace(*args)
-        fn, args = trainer.compilable_step("eval", 8, 64)
-        evaluate = fn.trace(*args)
+        evaluate = Scorer.for_trainer(trainer).trace(8, 64)
     assert flops.jaxpr_flops(train.jaxpr) == flops.train_step_flops(cfg, kcfg, 8, 64)
-    assert flops.jaxpr_flops(evaluate.jaxpr) == flops.eval_step_flops(cfg, kcfg, 8, 64)
+    assert flops.jaxpr_flops(evaluate.jaxpr) == flops.score_flops(cfg, kcfg, 8, 64)
 
 
 @pytest.mark.parametrize("logits", [False, True])

@@ -20,7 +20,6 @@ import pytest
 from flax import nnx
 
 from sparsemem.analysis import lape
-from sparsemem.evaluation import scoring
 from sparsemem.evaluation.scoring import Scorer
 from sparsemem.experiment.config import koff_config, load_config
 from sparsemem.koff import baselines, sparsity
@@ -84,7 +83,6 @@ def abstract(tree):
 def trace_training(trainer: KoffTrainer, rows: int, seq_len: int, eval_rows: int, eval_seq_len: int) -> None:
     """Trace and lower the sharded steps: memory prefill, train / memory / eval steps, scorer, LAPE counts."""
     cfg, kcfg, backbone = trainer.cfg, trainer.kcfg, trainer.backbone
-    rep = backbone.replicated
     with backbone.context():
         for kind in ("train", "memory", "eval"):
             fn, args = trainer.compilable_step(kind, rows, seq_len)
@@ -93,15 +91,9 @@ def trace_training(trainer: KoffTrainer, rows: int, seq_len: int, eval_rows: int
                               sds((kcfg.num_domains, kcfg.memory_slots), jnp.int32))
         assert k.shape == v.shape == (kcfg.num_domains, cfg.num_layers, kcfg.memory_slots, cfg.num_kv_heads,
                                       cfg.head_dim)
-        scorer = Scorer.for_trainer(trainer)
-        batch = backbone.abstract_batch(eval_rows, eval_seq_len)
-        scales = (sds((cfg.num_layers, cfg.num_heads), jnp.float32, rep),
-                  sds((cfg.num_layers, cfg.d_ff), jnp.float32, rep))
-        losses = scoring._token_losses.trace(  # the one program every evaluation setting runs
-            backbone.params, scales, trainer.abstract_state.memory, batch["domain"], batch,
-            decoder_def=backbone.decoder_def, loss_chunk=scorer.loss_chunk, lora_scale=scorer.lora_scale,
-            rules=backbone.rules)
+        losses = Scorer.for_trainer(trainer).trace(eval_rows, eval_seq_len)  # every evaluation setting's program
         losses.lower()
+        batch = backbone.abstract_batch(eval_rows, eval_seq_len)
         assert losses.out_info.shape == (eval_rows, eval_seq_len)
         graphdef = nnx.graphdef(backbone.decoder(backbone.params))
         counts, _ = jax.eval_shape(lambda params, b: lape._active_counts(

@@ -69,11 +69,21 @@ class Scorer:
                  memory_shapes: Mapping[str, jax.ShapeDtypeStruct] | None = None, lora_scale: float = 1.0):
         self.backbone, self.loss_chunk, self.num_domains = backbone, loss_chunk, num_domains
         self.memory_shapes, self.lora_scale = dict(memory_shapes or {}), float(lora_scale)
-        cfg = backbone.cfg
-        ones = (np.ones((cfg.num_layers, cfg.num_heads), np.float32), np.ones((cfg.num_layers, cfg.d_ff), np.float32))
-        self._dense = self._place_scales(ones)
-        self._zeros = {name: jax.device_put(np.zeros(s.shape, s.dtype), getattr(s, "sharding", None))
-                       for name, s in self.memory_shapes.items() if name not in ("k", "v")}
+
+    # Placed on first use, so a scorer over a compile-only mesh (`trace`) never touches a device.
+    @functools.cached_property
+    def _dense(self) -> tuple[jax.Array, jax.Array]:
+        return self._place_scales(tuple(np.ones(shape, np.float32) for shape in self._scale_shapes))
+
+    @functools.cached_property
+    def _zeros(self) -> dict[str, jax.Array]:
+        return {name: jax.device_put(np.zeros(s.shape, s.dtype), getattr(s, "sharding", None))
+                for name, s in self.memory_shapes.items() if name not in ("k", "v")}
+
+    @property
+    def _scale_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        cfg = self.backbone.cfg
+        return (cfg.num_layers, cfg.num_heads), (cfg.num_layers, cfg.d_ff)
 
     @classmethod
     def for_trainer(cls, trainer) -> "Scorer":
@@ -115,6 +125,17 @@ class Scorer:
             return _token_losses(self.backbone.params, setting.scales, setting.table, placed["domain"], placed,
                                  decoder_def=self.backbone.decoder_def, loss_chunk=self.loss_chunk,
                                  lora_scale=setting.lora_scale, rules=self.backbone.rules)
+
+    def trace(self, rows: int, seq_len: int) -> jax.stages.Traced:
+        """The program every setting runs, traced for global batches of `rows` x `seq_len` targets with the
+        shapes, dtypes and shardings `dispatch` passes it (the KV-memory program when the table has KV):
+        what `sparsemem compile` lowers, under `backbone.context()`. Needs no arrays, only their shapes."""
+        batch = self.backbone.abstract_batch(rows, seq_len)
+        scales = tuple(jax.ShapeDtypeStruct(shape, jnp.float32, sharding=self.backbone.replicated)
+                       for shape in self._scale_shapes)
+        return _token_losses.trace(self.backbone.params, scales, self.memory_shapes, batch["domain"], batch,
+                                   decoder_def=self.backbone.decoder_def, loss_chunk=self.loss_chunk,
+                                   lora_scale=self.lora_scale, rules=self.backbone.rules)
 
     @staticmethod
     def fetch(losses: jax.Array) -> np.ndarray:

@@ -1,9 +1,9 @@
-"""Ahead-of-time compilation of the KOFF train and eval steps for a TPU topology, without weights.
+"""Ahead-of-time compilation of KOFF's train step and evaluation program for a TPU topology, without weights.
 
 The decoder is built abstractly (`nnx.eval_shape`), the trainer on a mesh of the
-topology's compile-only devices; `KoffTrainer.compilable_step` gives each jitted step
-(the very function a run executes, same shardings and donation) with its abstract
-arguments, which are lowered and compiled by libtpu. Memory comes from the compiled executable, FLOPs from the traced
+topology's compile-only devices; `KoffTrainer.compilable_step` gives the jitted train step
+and `Scorer.trace` the evaluation program (the very functions a run executes, same shardings
+and donation) traced on abstract arguments, which are lowered and compiled by libtpu. Memory comes from the compiled executable, FLOPs from the traced
 program (see `flops`), both against the chip's HBM and peak throughput.
 """
 
@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sparsemem.evaluation.scoring import Scorer
 from sparsemem.koff.config import KoffConfig
 from sparsemem.models.config import ModelConfig
 from sparsemem.models.decoder import Decoder
@@ -29,8 +30,9 @@ GiB = 2**30
 
 @dataclasses.dataclass(frozen=True)
 class StepCost:
-    name: str  # "train" | "eval"
+    name: str  # "train" | "eval" (the `Scorer` program a run evaluates every setting with)
     batch: int  # global rows
+    seq_len: int
     argument_bytes: int  # per chip
     output_bytes: int
     alias_bytes: int  # outputs that reuse donated arguments
@@ -61,7 +63,6 @@ class CompileReport:
     mesh: dict[str, int]
     cfg: ModelConfig
     kcfg: KoffConfig
-    seq_len: int
     param_dtype: str
     steps: tuple[StepCost, ...]
     largest: tuple[ArrayPlacement, ...]  # arguments of the train step, largest shard first
@@ -81,20 +82,19 @@ def _largest(tree, count: int) -> tuple[ArrayPlacement, ...]:
     return tuple(sorted(placements, key=lambda p: -p.chip_bytes)[:count])
 
 
-def _step_cost(trainer: KoffTrainer, name: str, rows: int, seq_len: int, analytic: int, model: int) -> StepCost:
-    jitted, args = trainer.compilable_step(name, rows, seq_len)
-    traced = jitted.trace(*args)
+def _step_cost(traced: jax.stages.Traced, name: str, rows: int, seq_len: int, analytic: int, model: int) -> StepCost:
     compiled = traced.lower().compile()
     memory = compiled.memory_analysis()
-    return StepCost(name, rows, memory.argument_size_in_bytes, memory.output_size_in_bytes,
+    return StepCost(name, rows, seq_len, memory.argument_size_in_bytes, memory.output_size_in_bytes,
                     memory.alias_size_in_bytes, memory.temp_size_in_bytes, flops_lib.jaxpr_flops(traced.jaxpr),
                     analytic, model, float(compiled.cost_analysis().get("flops", math.nan)))
 
 
 def compile_koff(cfg: ModelConfig, kcfg: KoffConfig, topology: Topology, mesh_shape: dict[str, int], *,
-                 batch: int, eval_batch: int, seq_len: int, param_dtype: str = "float32",
+                 batch: int, seq_len: int, eval_batch: int, eval_seq_len: int, param_dtype: str = "float32",
                  largest: int = 8) -> CompileReport:
-    """Compile the train and eval steps for global batches of `batch` / `eval_batch` rows of `seq_len` tokens."""
+    """Compile the train step for global batches of `batch` x `seq_len` tokens and the evaluation program
+    for `eval_batch` x `eval_seq_len` targets."""
     if math.prod(mesh_shape.values()) != topology.num_chips:
         raise ValueError(f"mesh {mesh_shape} has {math.prod(mesh_shape.values())} devices but {topology.name} has "
                          f"{topology.num_chips} chips; make the mesh axes multiply to {topology.num_chips}")
@@ -107,11 +107,14 @@ def compile_koff(cfg: ModelConfig, kcfg: KoffConfig, topology: Topology, mesh_sh
     decoder = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), param_dtype=jnp.dtype(param_dtype)))
     trainer = KoffTrainer(decoder, kcfg, mesh)
     with trainer.backbone.context():
-        train = _step_cost(trainer, "train", batch, seq_len, flops_lib.train_step_flops(cfg, kcfg, batch, seq_len),
+        step, args = trainer.compilable_step("train", batch, seq_len)
+        train = _step_cost(step.trace(*args), "train", batch, seq_len,
+                           flops_lib.train_step_flops(cfg, kcfg, batch, seq_len),
                            flops_lib.train_step_flops(cfg, kcfg, batch, seq_len, recompute=False))
-        eval_flops = flops_lib.eval_step_flops(cfg, kcfg, eval_batch, seq_len)
-        evaluate = _step_cost(trainer, "eval", eval_batch, seq_len, eval_flops, eval_flops)
-    return CompileReport(topology, dict(mesh.shape), cfg, kcfg, seq_len, param_dtype, (train, evaluate),
+        eval_flops = flops_lib.score_flops(cfg, kcfg, eval_batch, eval_seq_len)
+        evaluate = _step_cost(Scorer.for_trainer(trainer).trace(eval_batch, eval_seq_len), "eval", eval_batch,
+                              eval_seq_len, eval_flops, eval_flops)
+    return CompileReport(topology, dict(mesh.shape), cfg, kcfg, param_dtype, (train, evaluate),
                          _largest({"state": trainer.abstract_state, "backbone": trainer.backbone.params}, largest))
 
 
@@ -161,7 +164,7 @@ def format_report(report: CompileReport, step_time: float | None = None) -> str:
         bound = s.model_flops / (t.num_chips * t.peak_flops)
         last = f"{100 * bound / step_time:.1f}%" if step_time else _seconds(bound)
         lines.append(
-            f"| {s.name} | {s.batch} x {report.seq_len} | {_gib(s.argument_bytes)} | "
+            f"| {s.name} | {s.batch} x {s.seq_len} | {_gib(s.argument_bytes)} | "
             f"{_gib(s.output_bytes - s.alias_bytes)} | {_gib(s.temp_bytes)} | "
             f"{_gib(s.peak_bytes)} / {_gib(t.hbm_bytes)} | {ok} | {_flops(s.program_flops)} | "
             f"{_flops(s.analytic_flops)} | {_flops(s.xla_flops)} | {last} |")

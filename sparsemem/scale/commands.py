@@ -65,8 +65,8 @@ def _compile(args: argparse.Namespace) -> int:
     # Batch sizes in a config are per process (each host's data shard); the global batch stacks them.
     hosts = topo.num_hosts
     log.info("compiling %s for %s (%d chips, %d hosts), mesh %s", args.config, topo.name, topo.num_chips, hosts, mesh)
-    report = aot.compile_koff(cfg, kcfg, topo, mesh, batch=config.data.batch_size * hosts,
-                              eval_batch=config.eval.batch_size * hosts, seq_len=config.data.seq_len,
+    report = aot.compile_koff(cfg, kcfg, topo, mesh, batch=config.data.batch_size * hosts, seq_len=config.data.seq_len,
+                              eval_batch=config.eval.batch_size * hosts, eval_seq_len=config.eval.seq_len,
                               param_dtype=config.model.param_dtype)
     print(aot.format_report(report, args.step_time))
     if args.json:
@@ -77,7 +77,7 @@ def _compile(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "compile", help="compile the KOFF train/eval steps for a TPU topology (no TPU, no weights): fit and FLOPs; "
+        "compile", help="compile the KOFF train step and evaluation program for a TPU topology (no TPU, no weights): fit and FLOPs; "
                         "exit status 1 if a step does not fit in HBM")
     p.add_argument("--config", required=True, help="experiments/configs/<name>.py")
     p.add_argument("--topology", required=True, help="Cloud TPU slice, e.g. v5p-8, v5p-32, v4-8, v5e-16, v6e-8, "

@@ -104,9 +104,7 @@ def forward_flops(cfg: ModelConfig, batch: int, seq_len: int, *, logits: bool) -
     return cfg.num_layers * sum(_layer_flops(cfg, None, batch, seq_len).values()) + head
 
 
-def eval_step_flops(cfg: ModelConfig, kcfg: KoffConfig, batch: int, seq_len: int) -> int:
-    """Analytic matmul FLOPs of one eval step: forwards with and without memory, each with its logits."""
-    with_memory = _layer_flops(cfg, kcfg, batch, seq_len)
-    without = _layer_flops(cfg, kcfg.replace(memory_slots=0, lora_rank=0, lora_targets=()), batch, seq_len)
+def score_flops(cfg: ModelConfig, kcfg: KoffConfig, batch: int, seq_len: int) -> int:
+    """Analytic matmul FLOPs of the evaluation program (`Scorer`): one forward with the memory, and its logits."""
     unembed = 2 * _loss_tokens(batch * seq_len, kcfg.loss_chunk) * cfg.d_model * cfg.vocab_size
-    return cfg.num_layers * (sum(with_memory.values()) + sum(without.values())) + 2 * unembed
+    return cfg.num_layers * sum(_layer_flops(cfg, kcfg, batch, seq_len).values()) + unembed
