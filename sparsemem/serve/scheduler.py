@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import heapq
 import logging
 import pathlib
 import threading
@@ -355,43 +354,46 @@ class ContinuousScheduler(Scheduler):
     def _work(self) -> None:
         engine = SlotEngine(self.served.model, self.served.bank, self.max_batch, self.context)
         slots = self.max_batch
-        active: dict[int, Request] = {}
-        free = list(range(slots))  # a heap: the lowest free slot first, so busy slots stay at the front
+        active: dict[int, Request] = {}  # always slots 0..len(active)-1 (`_compact`)
         tokens, steps = np.zeros(slots, np.int32), np.zeros(slots, np.int32)
         settings = SamplingRows.of([IDLE] * slots)
         engine.warm_up(settings)
         while self._wait_for_work(busy=bool(active)):
-            with self._cond:
-                joining = [(heapq.heappop(free), self._pending.popleft())
-                           for _ in range(min(len(free), len(self._pending)))]
-                self.running = len(active) + len(joining)
-            for slot, request in joining:
-                try:
-                    picked = engine.admit(slot, request.prompt, request.domain, SamplingRows.of([request.sampling]),
-                                          self.served.model.cfg.pad_id)
-                except Exception as err:  # noqa: BLE001 - this request fails, the others go on
-                    log.exception("prefill failed")
-                    self._finish(request, err)
-                    picked = None
-                if picked is not None:
-                    self._emit(request, picked, 0)
-                if request.finished:
-                    heapq.heappush(free, slot)
-                    continue
-                active[slot], tokens[slot], steps[slot] = request, picked.ids[0], 1
-                settings.set_row(slot, request.sampling)
+            while len(active) < slots:  # every waiting request that fits joins before the next step
+                with self._cond:
+                    if not self._pending:
+                        break
+                    request = self._pending.popleft()
+                    self.running = len(active) + 1
+                self._admit(engine, active, request, tokens, steps, settings)
             if active:
-                self._decode(engine, active, free, tokens, steps, settings)
+                self._decode(engine, active, tokens, steps, settings)
             with self._cond:
                 self.running = len(active)
 
-    def _decode(self, engine: SlotEngine, active: dict[int, Request], free: list[int], tokens: np.ndarray,
-                steps: np.ndarray, settings: SamplingRows) -> None:
-        """One decode step of every slot; rows that finish leave their slot."""
+    def _admit(self, engine: SlotEngine, active: dict[int, Request], request: Request, tokens: np.ndarray,
+               steps: np.ndarray, settings: SamplingRows) -> None:
+        """Prefill `request` into the first free slot; it stays there unless its first token ends it."""
+        slot = len(active)
+        try:
+            picked = engine.admit(slot, request.prompt, request.domain, SamplingRows.of([request.sampling]),
+                                  self.served.model.cfg.pad_id)
+        except Exception as err:  # noqa: BLE001 - this request fails, the others go on
+            log.exception("prefill failed")
+            self._finish(request, err)
+            return
+        self._emit(request, picked, 0)
+        if not request.finished:
+            active[slot], tokens[slot], steps[slot] = request, picked.ids[0], 1
+            settings.set_row(slot, request.sampling)
+
+    def _decode(self, engine: SlotEngine, active: dict[int, Request], tokens: np.ndarray, steps: np.ndarray,
+                settings: SamplingRows) -> None:
+        """One decode step of every busy slot; rows that finish leave their slot (`_compact`)."""
         with self._cond:
             self.metrics.count("batches")
         try:
-            picked = engine.step(tokens, settings, steps, busy=max(active) + 1)
+            picked = engine.step(tokens, settings, steps, busy=len(active))
         except Exception as err:  # noqa: BLE001 - the slots' state is lost: fail their requests, start empty
             log.exception("decode step of %d rows failed", len(active))
             for request in active.values():
@@ -404,8 +406,21 @@ class ContinuousScheduler(Scheduler):
                 tokens[slot], steps[slot] = picked.ids[slot], steps[slot] + 1
             if request.finished:
                 del active[slot]
-                heapq.heappush(free, slot)
                 settings.set_row(slot, IDLE)
+        self._compact(engine, active, tokens, steps, settings)
+
+    @staticmethod
+    def _compact(engine: SlotEngine, active: dict[int, Request], tokens: np.ndarray, steps: np.ndarray,
+                 settings: SamplingRows) -> None:
+        """Move the highest busy slots into the free ones below them, so the busy slots are 0..len(active)-1 and
+        a step decodes about as many rows as there are requests, not up to the highest busy slot."""
+        for target in sorted(set(range(len(active))) - set(active)):
+            source = max(active)
+            engine.move(source, target)
+            active[target] = active.pop(source)
+            tokens[target], steps[target] = tokens[source], steps[source]
+            settings.set_row(target, active[target].sampling)
+            settings.set_row(source, IDLE)
 
 
 def _call(callback: Callable, value) -> None:
