@@ -5,9 +5,10 @@ a request outlives its deadline). Two workers share the queue, the request bookk
 and the metrics (`Scheduler`):
 
 - `ContinuousScheduler` (the server's default): a fixed set of decode slots
-  (`sparsemem.serve.slots`); a waiting request is prefilled into a free slot and joins
-  the running decode at the next step, a finished row leaves at once, and one step
-  serves every slot whatever its domain or sampling settings.
+  (`sparsemem.serve.slots`); waiting requests of one prompt bucket are prefilled
+  together into free slots and join the running decode at the next step, a finished row
+  leaves at once, and one step serves every slot whatever its domain or sampling
+  settings.
 - `StaticScheduler`: batches the oldest request with the queued ones of its prompt
   bucket (memory or bare backbone) after a short window, and runs the batch until every
   row is done; newcomers wait for the next batch. Its batch row count is padded up to a
@@ -41,7 +42,7 @@ from sparsemem.serve.memory import MemoryBank
 from sparsemem.serve.metrics import Metrics
 from sparsemem.serve.routing import CentroidRouter, RoutingError
 from sparsemem.serve.sampling import Picked, SamplingConfig, SamplingRows
-from sparsemem.serve.slots import SlotEngine
+from sparsemem.serve.slots import IDLE, PREFILL_ROWS, SlotEngine
 from sparsemem.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -305,7 +306,7 @@ class StaticScheduler(Scheduler):
             return []
 
         def key(r: Request) -> tuple:
-            return r.domain is None, -(-len(r.prompt) // PROMPT_BUCKET)
+            return r.domain is None, prompt_bucket(r)
 
         batch = [r for r in self._pending if key(r) == key(self._pending[0])][: self.max_batch]
         for r in batch:
@@ -338,9 +339,6 @@ class StaticScheduler(Scheduler):
                 self._finish(request, err)
 
 
-IDLE = SamplingConfig(max_new_tokens=1)  # an empty slot's settings: greedy, no log-probabilities
-
-
 class ContinuousScheduler(Scheduler):
     """`max_batch` decode slots that requests join and leave at every step (module docstring).
 
@@ -357,35 +355,51 @@ class ContinuousScheduler(Scheduler):
         active: dict[int, Request] = {}  # always slots 0..len(active)-1 (`_compact`)
         tokens, steps = np.zeros(slots, np.int32), np.zeros(slots, np.int32)
         settings = SamplingRows.of([IDLE] * slots)
-        engine.warm_up(settings)
+        engine.warm_up()
         while self._wait_for_work(busy=bool(active)):
             while len(active) < slots:  # every waiting request that fits joins before the next step
                 with self._cond:
-                    if not self._pending:
-                        break
-                    request = self._pending.popleft()
-                    self.running = len(active) + 1
-                self._admit(engine, active, request, tokens, steps, settings)
+                    group = self._take_group(slots - len(active))
+                    self.running = len(active) + len(group)
+                if not group:
+                    break
+                self._admit(engine, active, group, tokens, steps, settings)
             if active:
                 self._decode(engine, active, tokens, steps, settings)
             with self._cond:
                 self.running = len(active)
 
-    def _admit(self, engine: SlotEngine, active: dict[int, Request], request: Request, tokens: np.ndarray,
+    def _take_group(self, free: int) -> list[Request]:
+        """The oldest waiting request and the queued ones of its prompt bucket, in arrival order, up to `free` and
+        `PREFILL_ROWS` (one prefill: rows of one bucket compute what they would alone)."""
+        if not self._pending:
+            return []
+        bucket = prompt_bucket(self._pending[0])
+        group = [r for r in self._pending if prompt_bucket(r) == bucket][:min(free, PREFILL_ROWS)]
+        for request in group:
+            self._pending.remove(request)
+        return group
+
+    def _admit(self, engine: SlotEngine, active: dict[int, Request], group: list[Request], tokens: np.ndarray,
                steps: np.ndarray, settings: SamplingRows) -> None:
-        """Prefill `request` into the first free slot; it stays there unless its first token ends it."""
-        slot = len(active)
+        """Prefill `group` into the first free slots; a request stays in its slot unless its first token ends it."""
+        first = len(active)
         try:
-            picked = engine.admit(slot, request.prompt, request.domain, SamplingRows.of([request.sampling]),
+            picked = engine.admit(list(range(first, first + len(group))), [r.prompt for r in group],
+                                  [r.domain for r in group], [r.sampling for r in group],
                                   self.served.model.cfg.pad_id)
-        except Exception as err:  # noqa: BLE001 - this request fails, the others go on
-            log.exception("prefill failed")
-            self._finish(request, err)
+        except Exception as err:  # noqa: BLE001 - these requests fail, the others go on
+            log.exception("prefill of %d rows failed", len(group))
+            for request in group:
+                self._finish(request, err)
             return
-        self._emit(request, picked, 0)
-        if not request.finished:
-            active[slot], tokens[slot], steps[slot] = request, picked.ids[0], 1
-            settings.set_row(slot, request.sampling)
+        for row, request in enumerate(group):
+            self._emit(request, picked, row)
+            if not request.finished:
+                slot = first + row
+                active[slot], tokens[slot], steps[slot] = request, picked.ids[row], 1
+                settings.set_row(slot, request.sampling)
+        self._compact(engine, active, tokens, steps, settings)
 
     def _decode(self, engine: SlotEngine, active: dict[int, Request], tokens: np.ndarray, steps: np.ndarray,
                 settings: SamplingRows) -> None:
@@ -421,6 +435,11 @@ class ContinuousScheduler(Scheduler):
             tokens[target], steps[target] = tokens[source], steps[source]
             settings.set_row(target, active[target].sampling)
             settings.set_row(source, IDLE)
+
+
+def prompt_bucket(request: Request) -> int:
+    """Which multiple of `PROMPT_BUCKET` the request's prompt is padded to."""
+    return -(-len(request.prompt) // PROMPT_BUCKET)
 
 
 def _call(callback: Callable, value) -> None:
