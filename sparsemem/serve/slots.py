@@ -55,7 +55,10 @@ def _admit(graphdef, state, slots: Slots, targets, tokens, segments, memory: Row
     cache = model.init_cache(batch, length, memory, visible)
     hidden, cache = model(tokens, segment_ids=segments, cache=cache, memory=memory)
     picked = pick(model.logits(hidden[:, -1]), settings, jnp.zeros((batch,), jnp.int32))
-    per_slot = lambda x: jnp.broadcast_to(x, (batch,)) if x.ndim == 0 else x[:, None]  # noqa: E731 - slot layout
+
+    def per_slot(x):  # [B, ...] -> the slots' layout [B, 1, ...]; the cache's token count () -> [B]
+        return jnp.broadcast_to(x, (batch,)) if x.ndim == 0 else x[:, None]
+
     put = functools.partial(jax.tree.map, lambda every, new: every.at[targets].set(per_slot(new), mode="drop"))
     lora = put(slots.lora, memory.lora) if slots.lora else ()
     return picked, slots.replace(cache=put(slots.cache, cache), lora=lora)
@@ -64,7 +67,7 @@ def _admit(graphdef, state, slots: Slots, targets, tokens, segments, memory: Row
 @struct.dataclass
 class Written:
     """What one decode step adds to each decoded slot's cache: the new token's keys/values per layer
-    (`[rows, 1, K'_l, Dh]`), and the slots' segment ids, next positions and token counts after it."""
+    (`[rows, 1, 1, K'_l, Dh]`), and the slots' segment ids, next positions and token counts after it."""
 
     k: tuple
     v: tuple
@@ -162,10 +165,9 @@ class SlotEngine:
         for row, prompt in enumerate(prompts):
             tokens[row, padded - len(prompt):] = prompt
             segments[row, padded - len(prompt):] = 1
-        memory = self._memory(domains)
-        picked, self.slots = _admit(self.graphdef, self.state, self.slots, np.asarray(targets + [self.count] * extra,
-                                                                                      np.int32),
-                                    tokens, segments, memory, np.asarray([d is not None for d in domains]),
+        slots = np.asarray(targets + [self.count] * extra, np.int32)
+        picked, self.slots = _admit(self.graphdef, self.state, self.slots, slots, tokens, segments,
+                                    self._memory(domains), np.asarray([d is not None for d in domains]),
                                     SamplingRows.of(sampling + sampling[:1] * extra), length=self.length)
         return jax.tree.map(lambda x: x[:rows - extra], jax.device_get(picked))
 
