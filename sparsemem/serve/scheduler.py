@@ -5,9 +5,10 @@ a request outlives its deadline). Two workers share the queue, the request bookk
 and the metrics (`Scheduler`):
 
 - `ContinuousScheduler` (the server's default): a fixed set of decode slots
-  (`sparsemem.serve.slots`); a waiting request is prefilled into a free slot and joins
-  the running decode at the next step, a finished row leaves at once, and one step
-  serves every slot whatever its domain or sampling settings.
+  (`sparsemem.serve.slots`); waiting requests of one prompt bucket are prefilled
+  together into free slots and join the running decode at the next step, a finished row
+  leaves at once, and one step serves every slot whatever its domain or sampling
+  settings.
 - `StaticScheduler`: batches the oldest request with the queued ones of its prompt
   bucket (memory or bare backbone) after a short window, and runs the batch until every
   row is done; newcomers wait for the next batch. Its batch row count is padded up to a
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import heapq
 import logging
 import pathlib
 import threading
@@ -42,7 +42,7 @@ from sparsemem.serve.memory import MemoryBank
 from sparsemem.serve.metrics import Metrics
 from sparsemem.serve.routing import CentroidRouter, RoutingError
 from sparsemem.serve.sampling import Picked, SamplingConfig, SamplingRows
-from sparsemem.serve.slots import SlotEngine
+from sparsemem.serve.slots import IDLE, PREFILL_ROWS, SlotEngine
 from sparsemem.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -306,7 +306,7 @@ class StaticScheduler(Scheduler):
             return []
 
         def key(r: Request) -> tuple:
-            return r.domain is None, -(-len(r.prompt) // PROMPT_BUCKET)
+            return r.domain is None, prompt_bucket(r)
 
         batch = [r for r in self._pending if key(r) == key(self._pending[0])][: self.max_batch]
         for r in batch:
@@ -339,9 +339,6 @@ class StaticScheduler(Scheduler):
                 self._finish(request, err)
 
 
-IDLE = SamplingConfig(max_new_tokens=1)  # an empty slot's settings: greedy, no log-probabilities
-
-
 class ContinuousScheduler(Scheduler):
     """`max_batch` decode slots that requests join and leave at every step (module docstring).
 
@@ -355,43 +352,62 @@ class ContinuousScheduler(Scheduler):
     def _work(self) -> None:
         engine = SlotEngine(self.served.model, self.served.bank, self.max_batch, self.context)
         slots = self.max_batch
-        active: dict[int, Request] = {}
-        free = list(range(slots))  # a heap: the lowest free slot first, so busy slots stay at the front
+        active: dict[int, Request] = {}  # always slots 0..len(active)-1 (`_compact`)
         tokens, steps = np.zeros(slots, np.int32), np.zeros(slots, np.int32)
         settings = SamplingRows.of([IDLE] * slots)
-        engine.warm_up(settings)
+        engine.warm_up()
         while self._wait_for_work(busy=bool(active)):
-            with self._cond:
-                joining = [(heapq.heappop(free), self._pending.popleft())
-                           for _ in range(min(len(free), len(self._pending)))]
-                self.running = len(active) + len(joining)
-            for slot, request in joining:
-                try:
-                    picked = engine.admit(slot, request.prompt, request.domain, SamplingRows.of([request.sampling]),
-                                          self.served.model.cfg.pad_id)
-                except Exception as err:  # noqa: BLE001 - this request fails, the others go on
-                    log.exception("prefill failed")
-                    self._finish(request, err)
-                    picked = None
-                if picked is not None:
-                    self._emit(request, picked, 0)
-                if request.finished:
-                    heapq.heappush(free, slot)
-                    continue
-                active[slot], tokens[slot], steps[slot] = request, picked.ids[0], 1
-                settings.set_row(slot, request.sampling)
+            while len(active) < slots:  # every waiting request that fits joins before the next step
+                with self._cond:
+                    group = self._take_group(slots - len(active))
+                    self.running = len(active) + len(group)
+                if not group:
+                    break
+                self._admit(engine, active, group, tokens, steps, settings)
             if active:
-                self._decode(engine, active, free, tokens, steps, settings)
+                self._decode(engine, active, tokens, steps, settings)
             with self._cond:
                 self.running = len(active)
 
-    def _decode(self, engine: SlotEngine, active: dict[int, Request], free: list[int], tokens: np.ndarray,
-                steps: np.ndarray, settings: SamplingRows) -> None:
-        """One decode step of every slot; rows that finish leave their slot."""
+    def _take_group(self, free: int) -> list[Request]:
+        """The oldest waiting request and the queued ones of its prompt bucket, in arrival order, up to `free` and
+        `PREFILL_ROWS` (one prefill: rows of one bucket compute what they would alone)."""
+        if not self._pending:
+            return []
+        bucket = prompt_bucket(self._pending[0])
+        group = [r for r in self._pending if prompt_bucket(r) == bucket][:min(free, PREFILL_ROWS)]
+        for request in group:
+            self._pending.remove(request)
+        return group
+
+    def _admit(self, engine: SlotEngine, active: dict[int, Request], group: list[Request], tokens: np.ndarray,
+               steps: np.ndarray, settings: SamplingRows) -> None:
+        """Prefill `group` into the first free slots; a request stays in its slot unless its first token ends it."""
+        first = len(active)
+        try:
+            picked = engine.admit(list(range(first, first + len(group))), [r.prompt for r in group],
+                                  [r.domain for r in group], [r.sampling for r in group],
+                                  self.served.model.cfg.pad_id)
+        except Exception as err:  # noqa: BLE001 - these requests fail, the others go on
+            log.exception("prefill of %d rows failed", len(group))
+            for request in group:
+                self._finish(request, err)
+            return
+        for row, request in enumerate(group):
+            self._emit(request, picked, row)
+            if not request.finished:
+                slot = first + row
+                active[slot], tokens[slot], steps[slot] = request, picked.ids[row], 1
+                settings.set_row(slot, request.sampling)
+        self._compact(engine, active, tokens, steps, settings)
+
+    def _decode(self, engine: SlotEngine, active: dict[int, Request], tokens: np.ndarray, steps: np.ndarray,
+                settings: SamplingRows) -> None:
+        """One decode step of every busy slot; rows that finish leave their slot (`_compact`)."""
         with self._cond:
             self.metrics.count("batches")
         try:
-            picked = engine.step(tokens, settings, steps, busy=max(active) + 1)
+            picked = engine.step(tokens, settings, steps, busy=len(active))
         except Exception as err:  # noqa: BLE001 - the slots' state is lost: fail their requests, start empty
             log.exception("decode step of %d rows failed", len(active))
             for request in active.values():
@@ -404,8 +420,26 @@ class ContinuousScheduler(Scheduler):
                 tokens[slot], steps[slot] = picked.ids[slot], steps[slot] + 1
             if request.finished:
                 del active[slot]
-                heapq.heappush(free, slot)
                 settings.set_row(slot, IDLE)
+        self._compact(engine, active, tokens, steps, settings)
+
+    @staticmethod
+    def _compact(engine: SlotEngine, active: dict[int, Request], tokens: np.ndarray, steps: np.ndarray,
+                 settings: SamplingRows) -> None:
+        """Move the highest busy slots into the free ones below them, so the busy slots are 0..len(active)-1 and
+        a step decodes about as many rows as there are requests, not up to the highest busy slot."""
+        for target in sorted(set(range(len(active))) - set(active)):
+            source = max(active)
+            engine.move(source, target)
+            active[target] = active.pop(source)
+            tokens[target], steps[target] = tokens[source], steps[source]
+            settings.set_row(target, active[target].sampling)
+            settings.set_row(source, IDLE)
+
+
+def prompt_bucket(request: Request) -> int:
+    """Which multiple of `PROMPT_BUCKET` the request's prompt is padded to."""
+    return -(-len(request.prompt) // PROMPT_BUCKET)
 
 
 def _call(callback: Callable, value) -> None:
