@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The gate regime's levers on the validation split (issue #29, docs/experiments.md "Gate levers"): KOFF alone
-# at the study's setup and one budget, one factor at a time around the study's recipe (gate_fraction < 1:
-# the mask freezes after that share of the steps and the memories train on under it), each run resumable,
+# at the study's setup and one budget, one factor at a time around the study's recipe (gate_fraction 0.5:
+# the mask freezes after half the steps and the memories train on under it), each run resumable,
 # then one `sparsemem compare` table whose last column is each point's loss minus the base point's, paired
 # by seed and validation page. Usage: experiments/gate_levers.sh [STEPS [SEEDS]]  (default 20 steps, 2 seeds)
 set -euo pipefail
@@ -18,10 +18,10 @@ declare -A points=(
   [distill]="koff.kl_weight=1.0"
   [gate_lr_0.1]="koff.gate_lr=0.1"
   [gate_lr_1]="koff.gate_lr=1.0"
-  [gate_frac_0.5]="koff.gate_fraction=0.5"
+  [gate_frac_1]="koff.gate_fraction=1.0"
   [gate_frac_0.25]="koff.gate_fraction=0.25"
 )
-order=(base gate_frac_0.25 gate_frac_0.5 one_sample short_ramp distill gate_lr_1 gate_lr_0.1 uniform_start)
+order=(base gate_frac_1 gate_frac_0.25 one_sample short_ramp distill gate_lr_1 gate_lr_0.1 uniform_start)
 for point in "${order[@]}"; do
   extra=()
   [[ -n "${points[$point]}" ]] && extra=(--set "${points[$point]}")

@@ -103,6 +103,9 @@ def test_variants_map_to_koff_configs():
     assert lora.memory_slots == 0 and lora.lora_rank == config.koff.lora_rank and lora.num_domains == 3
     assert config_lib.koff_config(config, 3, "dense_memory").target_sparsity == 0.0
     assert config_lib.koff_config(config, 3, "score_mask").has_memory is False
+    frozen_early = config_lib.apply_overrides(config, ["koff.gate_fraction=0.5"])
+    assert config_lib.koff_config(frozen_early, 3, "koff").gate_fraction == 0.5
+    assert config_lib.koff_config(frozen_early, 3, "prune_only").gate_fraction == 1.0  # nothing to train after
     assert config_lib.koff_config(config, 3, "random_mask_memory").has_memory
     assert {config_lib.mask_source(v) for v in config_lib.VARIANTS} == {"gates", "dense", "random", "score"}
 

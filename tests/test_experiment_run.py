@@ -174,7 +174,7 @@ def test_compare_tabulates_finished_runs_and_refuses_unfinished_ones(ci_run, tmp
     assert len(rows) == 2 and " +- " in rows[0]  # two seeds: mean +- sd
     seeds = [results, json.loads((ci_run / "seeds" / "1" / "eval.json").read_text())]
     assert f"{np.mean([r['perplexity']['koff']['mean'] for r in seeds]):.3f} +- " in rows[0]
-    assert rows[0].endswith("| reference |") and rows[1].endswith("| +0.000 [+0.000, +0.000] |")  # paired
+    assert rows[0].endswith("| reference |") and rows[1].endswith("| +0.000 [+0.000, +0.000] (2 seeds) |")  # paired by seed
     assert out.read_text() in capsys.readouterr().out + "\n"
     (tmp_path / "unfinished").mkdir()
     shutil.copy(ci_run / "config.json", tmp_path / "unfinished" / "config.json")

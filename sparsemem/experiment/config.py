@@ -20,7 +20,8 @@ from sparsemem.evaluation.multiple_choice import TASKS
 from sparsemem.evaluation.settings import SETTINGS
 from sparsemem.koff.config import KoffConfig
 
-_NO_MEMORY = {"memory_slots": 0, "lora_rank": 0, "lora_targets": ()}
+# Without memories nothing trains under a frozen mask, so such a variant's gates train every step.
+_NO_MEMORY = {"memory_slots": 0, "lora_rank": 0, "lora_targets": (), "gate_fraction": 1.0}
 # Trained variants as KoffConfig changes; where each one's mask comes from is in MASK_SOURCES.
 VARIANTS = {
     "koff": {},
