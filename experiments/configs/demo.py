@@ -36,12 +36,18 @@ def get_config():
     c.koff.memory_slots = 16
     c.koff.lora_rank = 8
     c.koff.lora_targets = ("q", "v", "o", "down")
-    # 20 steps of joint training (gates, KV memory and LoRA together): the target ramps up over the
-    # first 4, the gates polarise over the last 4 (docs/experiments.md, "Gate dynamics"). Learning
-    # rates chosen by KOFF's loss on the validation split (docs/experiments.md, "Learning rates"):
-    # memory_lr 1e-4 beat 1e-3 by 0.15 nats [0.05, 0.23]; gate_lr 1.0 tied with 0.3.
-    c.koff.warmup_fraction = 0.2
+    # The learned-mask study's gate recipe (docs/experiments.md, "Gate levers"): 20 steps, of which the
+    # first 10 train gates, KV memory and LoRA together and the last 10 only the memories under the
+    # frozen mask (gate_fraction 0.5 beat learning the mask to the end on the validation split); the
+    # gates start from the Taylor score's ranking, the target ramps over the first 5 steps, the gates
+    # polarise over the last 2 gate steps, every example of a batch draws its own gate sample (4 per
+    # step). Learning rates chosen by KOFF's loss on the validation split (docs/experiments.md,
+    # "Learning rates"): memory_lr 1e-4 beat 1e-3 by 0.15 nats [0.05, 0.23]; gate_lr 1.0 tied with 0.3.
+    c.koff.gate_init = "importance"
+    c.koff.gate_fraction = 0.5
+    c.koff.warmup_fraction = 0.5
     c.koff.polarise_fraction = 0.2
+    c.koff.gate_samples = 4
     c.koff.gate_lr = 0.3
     c.koff.memory_lr = 1e-4
     c.train.steps = 20

@@ -8,13 +8,13 @@ on 8 test pages per domain (the demo's); the report reads every seed and correct
 Methods: KOFF from the importance start (`koff`) and from the uniform start (`koff_uniform`),
 prune-then-memory (half the steps prune without memories, half train them), the mask learned
 without memories (`prune_only`), the Taylor-score mask with and without memories.
-Gate recipe: the mask freezes after half the steps (`koff.gate_fraction` 0.5; the memories train the
-other half under it), the lever that won the validation screen of `experiments/gate_levers.sh`
-(docs/experiments.md "Gate levers"); the target ramps over half the gate steps (Sheared-LLaMA ramps
-over a fifth of far more steps; the demo's 4-step ramp decided the ranking in a dozen noisy steps),
-every example of a batch draws its own gate sample (4 samples per step, no extra matmul work), no
-distillation term (it costs a dense forward per step). Variants without memories train their gates
-every step (nothing would train under a frozen mask).
+Gate recipe: the demo's (experiments/configs/demo.py, docs/experiments.md "Gate levers"): the mask
+freezes after half the steps (`koff.gate_fraction` 0.5, the memories train the other half under it:
+the lever that won the validation screen of `experiments/gate_levers.sh`); the target ramps over half
+the gate steps (Sheared-LLaMA ramps over a fifth of far more steps; a 4-step ramp decided the ranking
+in a dozen noisy steps), every example of a batch draws its own gate sample (4 samples per step, no
+extra matmul work), no distillation term (it costs a dense forward per step). Variants without
+memories train their gates every step (nothing would train under a frozen mask).
 Budget on the 2-core CPU: 5 trained variants x (20 + 80) steps x 3 seeds = 1,500 steps at ~4.5 s
 (quiet) = 1.9 h, plus 8 settings x 8 pages x 4 domains of evaluation per cell (6 cells). Measured under
 a load of ~15 (four other jobs): ~13 s per step and ~6 min per setting at 16 pages, which is why the
@@ -30,10 +30,6 @@ from sparsemem.experiment.config import load_config
 def get_config():
     c = load_config(os.path.join(os.path.dirname(__file__), "demo.py"))
     c.name = "study"
-    c.koff.gate_init = "importance"
-    c.koff.warmup_fraction = 0.5
-    c.koff.gate_samples = 4
-    c.koff.gate_fraction = 0.5
     c.train.variants = ("koff", "koff_uniform", "prune_only", "prune_then_memory", "score_mask", "score_mask_memory")
     c.train.seeds = 3
     c.train.save_every = 20
