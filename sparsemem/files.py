@@ -119,6 +119,11 @@ def set_aside(path: str | os.PathLike, aside: str | os.PathLike) -> epath.Path:
     return target
 
 
+def write_png(path: str | os.PathLike, figure: Any, dpi: int = 100) -> None:
+    """A matplotlib figure as a PNG at `path` (local or `gs://`), written atomically."""
+    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight"))
+
+
 def write_json(path: str | os.PathLike, value: Any) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2)))
 

@@ -101,7 +101,7 @@ def plot_controller(metrics: list[dict], gates: dict[str, dict[str, np.ndarray]]
     histogram.set(xlabel="final P(z > 0) per unit", ylabel="units", yscale="log")
     histogram.legend(fontsize=7)
     fig.tight_layout()
-    files.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))  # local or gs://
+    files.write_png(path, fig)
 
 
 def controller_section(run: RunDir, variants, metrics: list[dict], plots) -> list[str]:

@@ -204,7 +204,7 @@ def plot_positions(results: dict, path) -> None:
     ax.set_ylabel("mean loss (nats)")
     ax.legend(fontsize=6)
     fig.tight_layout()
-    _save(fig, path)
+    files.write_png(path, fig)
 
 
 def plot_training(metrics: list[dict], path, gate_steps: int | None = None) -> None:
@@ -232,7 +232,7 @@ def plot_training(metrics: list[dict], path, gate_steps: int | None = None) -> N
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, path)
+    files.write_png(path, fig)
 
 
 def plot_sparsity(sparsities: dict[str, dict], path) -> None:
@@ -248,7 +248,7 @@ def plot_sparsity(sparsities: dict[str, dict], path) -> None:
         ax.set_ylabel("fraction removed")
         ax.legend()
     fig.tight_layout()
-    _save(fig, path)
+    files.write_png(path, fig)
 
 
 def plot_swap(results: dict, path) -> None:
@@ -267,7 +267,7 @@ def plot_swap(results: dict, path) -> None:
     ax.set_title("perplexity (colour: relative to own memory)")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    _save(fig, path)
+    files.write_png(path, fig)
 
 
 def plot_analysis(analysis: dict, path) -> None:
@@ -293,12 +293,7 @@ def plot_analysis(analysis: dict, path) -> None:
     axes[1].set_ylabel("fraction of neurons")
     axes[1].legend()
     fig.tight_layout()
-    _save(fig, path)
-
-
-def _save(fig: Figure, path) -> None:
-    """Write `fig` as a PNG to `path` (local or `gs://`)."""
-    files.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    files.write_png(path, fig)
 
 
 def routing_tables(result: dict) -> str:

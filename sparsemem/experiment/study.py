@@ -175,4 +175,4 @@ def plot_budgets(summary: dict, path) -> None:
     ax.set_title(f"Loss vs training budget ({summary['seeds']} seeds; 95% intervals over seeds x documents)")
     ax.legend(fontsize=7, loc="best")
     path.parent.mkdir(parents=True, exist_ok=True)
-    files.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    files.write_png(path, fig, dpi=120)
