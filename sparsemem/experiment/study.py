@@ -130,7 +130,9 @@ def render(config: ml_collections.ConfigDict, summary: dict) -> str:
            f"Training budgets {tuple(sorted(config.study.budgets))} steps x {config.data.batch_size} x "
            f"{config.data.seq_len} tokens per variant (every variant the same optimiser steps on the same tokens), "
            f"{config.train.seeds} seeds, target sparsity {config.koff.target_sparsity} over "
-           f"{config.koff.sparsity_over} parameters, gate start `{config.koff.gate_init}` for `koff`, evaluated on "
+           f"{config.koff.sparsity_over} parameters, gate start `{config.koff.gate_init}` for `koff`, masks that train "
+           f"with memories frozen after {config.koff.gate_fraction:g} of the steps (the memories train on under "
+           f"them), {config.koff.gate_samples} gate samples per step, evaluated on "
            f"the {config.eval.split} split (up to {config.eval.documents} documents per domain). Intervals: 95%, "
            f"bootstrap over seeds x documents, {summary['resamples']} resamples. Finished budgets: "
            f"{budgets or 'none yet'}."]
