@@ -30,3 +30,11 @@ def allgather_json(value: Any) -> list[Any]:
     padded[:len(data)] = data
     rows = multihost_utils.process_allgather(padded)
     return [json.loads(bytes(row[:n])) for row, n in zip(rows, lengths)]
+
+
+def padded_to_longest(batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """This process's `batches` (its data shard's, at least one), then empty ones (zeros: loss mask 0) up to the
+    most any process has: a loop over them makes as many collective steps in every process."""
+    count = max(allgather_json(len(batches)))
+    empty = {key: np.zeros_like(value) for key, value in batches[0].items()}
+    return batches + [empty] * (count - len(batches))
