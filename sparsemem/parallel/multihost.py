@@ -6,11 +6,13 @@ With one process every function here is a no-op or the identity, so callers need
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+
+T = TypeVar("T")
 
 
 def barrier(name: str) -> Callable[[], None]:
@@ -18,6 +20,18 @@ def barrier(name: str) -> Callable[[], None]:
     if jax.process_count() == 1:
         return lambda: None
     return lambda: multihost_utils.sync_global_devices(name)
+
+
+def primary_first(name: str, work: Callable[[], T]) -> T:
+    """`work()` in process 0, then, after a barrier named `name`, in the others: what process 0 writes while
+    doing it (a link, a prepared corpus), the others find written."""
+    primary = jax.process_index() == 0
+    if primary:
+        result = work()
+    barrier(name)()
+    if not primary:
+        result = work()
+    return result
 
 
 def allgather_json(value: Any) -> list[Any]:
