@@ -35,6 +35,7 @@ from sparsemem.experiment.variant_files import load_mask, save_memory_rows
 from sparsemem.experiment.metrics import MetricsLog
 from sparsemem.experiment.report import write_report
 from sparsemem.experiment.rundir import RunDir, Timer
+from sparsemem.parallel import multihost
 from sparsemem.train.loop import train
 from sparsemem.train.trainer import KoffTrainer
 
@@ -88,52 +89,70 @@ def _held_out_perplexity(trainer, state, held_out, tokenizer, config) -> dict:
     return {key: dict(zip(names, map(float, result[key]))) for key in ("ppl_memory", "ppl_no_memory")}
 
 
+def _sources(run: RunDir, config, domains: list[NewDomain]) -> tuple[list, list]:
+    """The new domains' training and held-out text (a folder domain's first call links it and prepares its corpus)."""
+    data_dir = config.data.data_dir or None
+    train = [d.source(run, "train", data_dir) for d in domains]
+    held_out = [setup.spread(d.source(run, config.eval.split, data_dir), config.eval.paragraphs) for d in domains]
+    return train, held_out
+
+
 def extend(run_dir: str, domains: list[NewDomain], steps: int | None = None) -> dict:
-    """Train `domains`' memory on the run's frozen backbone and mask; returns the extension's eval.json."""
+    """Train `domains`' memory on the run's frozen backbone and mask; returns the extension's eval.json.
+
+    Runs as the run did (with `jax.distributed`: every process trains and evaluates, process 0 writes).
+    """
     run = RunDir(run_dir)
     config = run.config()
-    name = _register(run, config, domains)
+    mesh = setup.mesh_for(config)
+    with setup.open_run(run, config):
+        name = _register(run, config, domains)
+        with Timer(run, f"extend_{name}"):
+            result = _train(run, config, mesh, domains, name, steps)
+        if run.primary:
+            write_report(run)
+    return result
+
+
+def _train(run: RunDir, config, mesh, domains: list[NewDomain], name: str, steps: int | None) -> dict:
+    """Train extension `name` (resuming from its newest checkpoint), write its rows and eval.json."""
     home = run.path / "extend" / name
-    home.mkdir(parents=True, exist_ok=True)
-    with Timer(run, f"extend_{name}"):
-        mesh = setup.mesh_for(config)
-        decoder, tokenizer = setup.load_model(config, mesh)
-        data_dir = config.data.data_dir or None
-        train_sources = [d.source(run, "train", data_dir) for d in domains]
-        held_out = [setup.spread(d.source(run, config.eval.split, data_dir), config.eval.paragraphs)
-                    for d in domains]
-        kcfg = koff_config(config, len(domains), VARIANT)
-        trainer = KoffTrainer(decoder, kcfg, mesh, fixed_mask=load_mask(run, VARIANT))
-        steps = config.train.steps if steps is None else steps  # as many steps as the run's variants
-        checkpointer = RunCheckpointer(home / "checkpoints", max_to_keep=2)
-        batches = setup.train_batches(config, train_sources, tokenizer)
-        before = run.read_json(f"extend/{name}/before.json")
-        state, resumed = setup.resume_or_start(checkpointer, trainer, batches, train_sources, tokenizer,
-                                               f"extend {name}")
-        if not resumed:
-            before = _held_out_perplexity(trainer, state, held_out, tokenizer, config)
-            run.write_json(f"extend/{name}/before.json", before)
-        if int(state.step) < steps:
-            metrics = MetricsLog(home, f"extend:{name}", [d.name for d in domains], total_steps=steps,
-                                 first_step=int(state.step), log_every=config.train.log_every)
-            try:
-                state, status = train(trainer, state, batches, num_steps=steps, checkpointer=checkpointer,
-                                      save_every=config.train.save_every, data_state=batches.get_state,
-                                      on_metrics=metrics, log_every=0)
-            finally:
-                metrics.close()
-            if status == "preempted":
-                raise ExtendError(f"[extend {name}] stopped at step {int(state.step)} on SIGTERM; rerun the same "
-                                  "command to resume")
-        checkpointer.close()
-        after = _held_out_perplexity(trainer, state, held_out, tokenizer, config)
-        memory = multihost_utils.process_allgather(state.memory, tiled=True)  # every process takes part
+    if run.primary:
+        home.mkdir(parents=True, exist_ok=True)
+    decoder, tokenizer = setup.load_model(config, mesh)
+    train_sources, held_out = multihost.primary_first("sparsemem extend sources",
+                                                      lambda: _sources(run, config, domains))
+    kcfg = koff_config(config, len(domains), VARIANT)
+    trainer = KoffTrainer(decoder, kcfg, mesh, fixed_mask=load_mask(run, VARIANT))
+    steps = config.train.steps if steps is None else steps  # as many steps as the run's variants
+    checkpointer = RunCheckpointer(home / "checkpoints", max_to_keep=2)
+    batches = setup.train_batches(config, train_sources, tokenizer)
+    before = run.read_json(f"extend/{name}/before.json")
+    state, resumed = setup.resume_or_start(checkpointer, trainer, batches, train_sources, tokenizer,
+                                           f"extend {name}")
+    if not resumed:
+        before = _held_out_perplexity(trainer, state, held_out, tokenizer, config)
+        run.write_json(f"extend/{name}/before.json", before)
+    if int(state.step) < steps:
+        metrics = MetricsLog(home, f"extend:{name}", [d.name for d in domains], total_steps=steps,
+                             first_step=int(state.step), log_every=config.train.log_every)
+        try:
+            state, status = train(trainer, state, batches, num_steps=steps, checkpointer=checkpointer,
+                                  save_every=config.train.save_every, data_state=batches.get_state,
+                                  on_metrics=metrics, log_every=0)
+        finally:
+            metrics.close()
+        if status == "preempted":
+            raise ExtendError(f"[extend {name}] stopped at step {int(state.step)} on SIGTERM; rerun the same "
+                              "command to resume")
+    checkpointer.close()
+    after = _held_out_perplexity(trainer, state, held_out, tokenizer, config)
+    memory = multihost_utils.process_allgather(state.memory, tiled=True)  # every process takes part
+    result = {"domains": [d.name for d in domains], "steps": steps, "before": before, "after": after}
+    if run.primary:
         save_memory_rows(run, VARIANT, memory, [d.name for d in domains])
-        result = {"domains": [d.name for d in domains], "steps": steps, "before": before, "after": after}
         run.write_json(f"extend/{name}/eval.json", result)
         _export_into_existing(run, config, decoder, tokenizer, memory, train_sources, kcfg.lora_scale)
-    if run.primary:
-        write_report(run)
     return result
 
 

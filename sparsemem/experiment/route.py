@@ -152,17 +152,21 @@ def route_run(run_dir: str, variant: str = "koff", documents: int = 16, lengths=
     config = run.config()
     if ppl_prompt not in lengths:
         raise ValueError(f"the perplexity prompt length {ppl_prompt} must be one of the prompt lengths {lengths}")
-    deployment = Deployment.load(export_folder(run_dir, variant))
-    _, tokenizer = setup.load_model(config, None) if deployment.tokenizer is None else (None, deployment.tokenizer)
-    length = max(lengths) + continuation
-    with Timer(run, "route"):
-        sequences = {s.name: held_out_sequences(s, tokenizer, documents, length)
-                     for s in all_sources(run, config, config.eval.split)}
-        empty = sorted(name for name, seqs in sequences.items() if not seqs)
-        if empty:
-            raise ValueError(f"held-out text of {empty} is shorter than {length} tokens; lower --lengths or "
-                             "--continuation")
-        result = evaluate_routing(deployment, sequences, lengths, ppl_prompt, batch_size)
-    run.write_json("route.json", result)
-    write_report(run)
+    if config.mesh.distributed:  # as the run: every process routes (on its own devices), process 0 writes
+        setup.start_distributed()
+    with setup.open_run(run, config):  # reads the export once process 0 holds the lock
+        deployment = Deployment.load(export_folder(run_dir, variant))
+        _, tokenizer = setup.load_model(config, None) if deployment.tokenizer is None else (None, deployment.tokenizer)
+        length = max(lengths) + continuation
+        with Timer(run, "route"):
+            sequences = {s.name: held_out_sequences(s, tokenizer, documents, length)
+                         for s in all_sources(run, config, config.eval.split)}
+            empty = sorted(name for name, seqs in sequences.items() if not seqs)
+            if empty:
+                raise ValueError(f"held-out text of {empty} is shorter than {length} tokens; lower --lengths or "
+                                 "--continuation")
+            result = evaluate_routing(deployment, sequences, lengths, ppl_prompt, batch_size)
+        run.write_json("route.json", result)
+        if run.primary:
+            write_report(run)
     return result

@@ -21,7 +21,6 @@ from sparsemem.analysis import lape
 from sparsemem.checkpoints.run_state import RunCheckpointer
 from sparsemem.data import pipeline
 from sparsemem.koff import baselines
-from sparsemem.parallel import multihost
 from sparsemem.evaluation import multiple_choice, settings as settings_lib, suite
 from sparsemem.evaluation.scoring import Scorer
 from sparsemem.experiment import setup
@@ -146,7 +145,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None) -> RunDir
     run = RunDir.check(workdir or default_workdir(config), config, primary=primary)  # before the slow setup
     corpus = setup.load_corpus(config)
     decoder, tokenizer = setup.load_model(config, mesh)
-    with run.open(config, primary=primary, barrier=multihost.barrier("sparsemem run directory")):
+    with setup.open_run(run, config):
         log.info("run directory %s", run.path)
         if primary:
             run.record_time("setup", time.perf_counter() - start)
@@ -264,12 +263,14 @@ def analyze_run(workdir: str) -> RunDir:
     """`sparsemem analyze`: (re)compute analysis.json of a finished run and rewrite its report."""
     run = RunDir(workdir)
     config = run.config()
-    masks = {variant: load_mask(run, variant) for variant in config.train.variants}
-    mesh = setup.mesh_for(config)
-    decoder, tokenizer = setup.load_model(config, mesh)
-    with run.locked(), Timer(run, "analysis"):
-        run.write_json("analysis.json", analyze(config, decoder, tokenizer, masks))
-        write_report(run)
-    log.info("report: %s", run.path / "report.md")
+    mesh = setup.mesh_for(config)  # starts jax.distributed if the run did: every process computes, process 0 writes
+    with setup.open_run(run, config):  # reads the run once process 0 holds the lock
+        masks = {variant: load_mask(run, variant) for variant in config.train.variants}
+        decoder, tokenizer = setup.load_model(config, mesh)
+        with Timer(run, "analysis"):
+            run.write_json("analysis.json", analyze(config, decoder, tokenizer, masks))
+            if run.primary:
+                write_report(run)
+                log.info("report: %s", run.path / "report.md")
     return run
 

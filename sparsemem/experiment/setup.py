@@ -1,4 +1,5 @@
-"""Build what a run needs from its config: mesh, decoder, tokenizer, train/held-out domains."""
+"""Build what a run needs from its config: mesh, decoder, tokenizer, train/held-out domains, its directory opened
+in every process."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import dataclasses
 import logging
 import os
 import pathlib
+from typing import ContextManager
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +19,9 @@ from sparsemem import files
 from sparsemem.checkpoints.hf import load_hf_checkpoint, load_tokenizer, read_config
 from sparsemem.data import pages as pages_lib, pipeline, sources as sources_lib
 from sparsemem.data.sources import DomainSource, SubsetRecords
+from sparsemem.experiment.rundir import RunDir
 from sparsemem.models.decoder import Decoder
+from sparsemem.parallel import multihost
 from sparsemem.parallel.mesh import make_mesh
 from sparsemem.tokenizer import Tokenizer
 
@@ -61,6 +65,12 @@ def mesh_for(config: ml_collections.ConfigDict):
         raise ValueError(f"mesh {m.data}x{m.fsdp}x{m.model} (data x fsdp x model) needs {n} devices but "
                          f"{len(jax.devices())} are visible; change mesh.*")
     return make_mesh({"data": m.data, "fsdp": m.fsdp, "model": m.model}, devices=jax.devices()[:n])
+
+
+def open_run(run: RunDir, config: ml_collections.ConfigDict) -> ContextManager[RunDir]:
+    """`run.open(config)` in every process (after `jax.distributed` started, if the config asks): process 0 holds
+    the lock and writes, the others wait at a barrier until it has opened the folder, then write nothing."""
+    return run.open(config, primary=jax.process_index() == 0, barrier=multihost.barrier("sparsemem run directory"))
 
 
 def model_folder(config: ml_collections.ConfigDict) -> pathlib.Path:

@@ -79,7 +79,7 @@ class MemoryBank:
             raise ValueError(f"memory table rows {sizes} do not match the {len(self.domains)} domains "
                              f"{list(self.domains)}")
         self.cfg, self.layout, self.lora_scale, self.offload = cfg, layout, float(lora_scale), offload
-        device = device or jax.devices()[0]
+        device = device or jax.local_devices()[0]
         self.device_sharding = SingleDeviceSharding(device, memory_kind="device")
         self.table_sharding = SingleDeviceSharding(device, memory_kind="pinned_host" if offload else "device")
         self.layers = tuple(

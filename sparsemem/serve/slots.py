@@ -145,7 +145,7 @@ class SlotEngine:
         lora = self.blank.lora if self.blank is not None else ()
         scale = self.blank.lora_scale if self.blank is not None else 1.0
         def stacked(x):  # committed to the device, as the steps' outputs are: one compiled program per shape
-            return jax.device_put(jnp.zeros((self.count,) + x.shape, x.dtype), jax.devices()[0])
+            return jax.device_put(jnp.zeros((self.count,) + x.shape, x.dtype), jax.local_devices()[0])
 
         self.slots = Slots(cache=jax.tree.map(stacked, cache), lora=jax.tree.map(stacked, lora), lora_scale=scale)
 

@@ -45,6 +45,7 @@ from sparsemem.koff.module import Koff, split
 from sparsemem.models.decoder import Decoder
 from sparsemem.models.hooks import Hooks
 from sparsemem.models.loss import token_cross_entropy, token_kl
+from sparsemem.parallel import multihost
 from sparsemem.parallel.mesh import state_shardings
 from sparsemem.train.sharded_backbone import TOKEN_KEYS, ShardedBackbone
 from sparsemem.train.state import TrainState
@@ -387,14 +388,19 @@ class KoffTrainer:
                                                                       target))
 
     def evaluate(self, state: TrainState, batches, target: float | None = None) -> dict[str, np.ndarray]:
-        """Per-domain mean loss and perplexity with and without memory over `batches` (NaN for unseen domains)."""
+        """Per-domain mean loss and perplexity with and without memory over `batches` (NaN for unseen domains).
+
+        With several processes each passes its own data shard's batches, whose counts may differ by one: the
+        processes with fewer step through empty batches, so every process takes part in every step.
+        """
+        batches = list(batches)
+        if not batches:
+            raise ValueError("evaluate() got no batches")
         totals: dict[str, np.ndarray] = {}
-        for batch in batches:
+        for batch in multihost.padded_to_longest(batches):
             out = jax.device_get(self.eval_step(state, batch, target))
             for name in ("loss_sum_memory", "loss_sum_no_memory", "tokens"):
                 totals[name] = totals.get(name, 0.0) + out[name]
-        if not totals:
-            raise ValueError("evaluate() got no batches")
         with np.errstate(invalid="ignore", divide="ignore"):
             tokens = np.where(totals["tokens"] > 0, totals["tokens"], np.nan)
             loss_mem, loss = totals["loss_sum_memory"] / tokens, totals["loss_sum_no_memory"] / tokens
