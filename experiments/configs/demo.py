@@ -2,19 +2,19 @@
 
 sparsemem run --config experiments/configs/demo.py
 
-Budget (<= 30 min on 2 cores), measured on a quiet machine: 21.3 min at e2d3729 (training 8.1,
-evaluation 12.7 min); 28.1 min at 976ce3b on an earlier machine, the breakdown below.
-- training, 20 joint steps per variant: 7 variants with memory + prune_only, ~4.5 s per
-  4 x 128-token step (1.28x the step at 9061361) plus compiles; random_mask and score_mask
-  train nothing (frozen mask, no memory); Taylor scores on 4 calibration batches 15 s.
-  Measured 11.0 min.
+Budget (<= 30 min on 2 cores): 39.4 min at 620fa45 with another job's tests beside its training
+and first five evaluation settings (docs/experiments.md, "The demo"); about 25 min quiet, estimated
+from its parts (not measured as a whole). Quiet, at e2d3729 with 8 pages: 21.3 min (training 8.1,
+evaluation 12.7).
+- training, 20 steps per variant: 7 variants with memory + prune_only, ~4.5 s per 4 x 128-token
+  step plus compiles; random_mask and score_mask train nothing (frozen mask, no memory); Taylor
+  scores on 4 calibration batches 17 s (they also start KOFF's gates). 8.1 min quiet at e2d3729.
 - evaluation: 12 settings x 18 whole test pages per domain (13,588 targets packed best-fit into
   15 rows of 1024 targets, the 4 batches per setting that 8 pages took before the packing, all
-  settings sharing 2 compiled programs; docs/benchmarks.md), memory swap 4 x 16 paragraphs per
+  settings sharing 2 compiled programs; docs/benchmarks.md): 61-64 s per setting on the quiet
+  part of the 620fa45 run (55-72 s for 8 pages at e2d3729); memory swap 4 x 16 paragraphs per
   domain (~1 min), multiple choice, 8 questions per domain and task for 2 settings (~1.5 min).
-  Measured 12.7 min at e2d3729 with 8 pages; the 18-page evaluation is projected from its batch
-  count, not yet timed in a whole demo run.
-- LAPE on 2,000 tokens per domain (one forward per batch) 0.5 min; setup 0.5 min.
+- LAPE on 2,000 tokens per domain (one forward per batch) 0.4 min; setup 0.2 min.
 The budget is spent: more steps or pages need a faster evaluation first.
 At this size the intervals are wide: the report's verdicts say so (most comparisons come
 out inconclusive); experiments/configs/koff_small.py is the GPU-sized run with the power
