@@ -3,7 +3,11 @@
 # at the study's setup and one budget, one factor at a time around the study's recipe (gate_fraction 0.5:
 # the mask freezes after half the steps and the memories train on under it), each run resumable,
 # then one `sparsemem compare` table whose last column is each point's loss minus the base point's, paired
-# by seed and validation page. Usage: experiments/gate_levers.sh [STEPS [SEEDS]]  (default 20 steps, 2 seeds)
+# by seed and validation page. A point's value is one or more space-separated `--set` assignments.
+# `sharp_start` spreads the importance start over 24 instead of 4 in log_alpha (the clamp widened to hold
+# it): the hard-concrete noise is ~7.6 wide in log_alpha, so at a spread of 4 every gate samples
+# stochastically (none decided at the 12% target), at 24 two thirds of the units start decided.
+# Usage: experiments/gate_levers.sh [STEPS [SEEDS]]  (default 20 steps, 2 seeds)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps="${1:-20}"
@@ -20,11 +24,12 @@ declare -A points=(
   [gate_lr_1]="koff.gate_lr=1.0"
   [gate_frac_1]="koff.gate_fraction=1.0"
   [gate_frac_0.25]="koff.gate_fraction=0.25"
+  [sharp_start]="koff.importance_spread=24 koff.log_alpha_clamp=14 koff.init_keep_prob=0.97"
 )
-order=(base gate_frac_1 gate_frac_0.25 one_sample short_ramp distill gate_lr_1 gate_lr_0.1 uniform_start)
+order=(base gate_lr_0.1 sharp_start one_sample short_ramp distill gate_lr_1 gate_frac_1 gate_frac_0.25 uniform_start)
 for point in "${order[@]}"; do
   extra=()
-  [[ -n "${points[$point]}" ]] && extra=(--set "${points[$point]}")
+  for assignment in ${points[$point]}; do extra+=(--set "$assignment"); done
   sparsemem run --config experiments/configs/study.py "${base[@]}" "${extra[@]}" \
     --set "name=levers_${point}" --workdir "runs/levers/${steps}/${point}"
 done
