@@ -176,6 +176,14 @@ def test_compare_tabulates_finished_runs_and_refuses_unfinished_ones(ci_run, tmp
     assert f"{np.mean([r['perplexity']['koff']['mean'] for r in seeds]):.3f} +- " in rows[0]
     assert rows[0].endswith("| reference |") and rows[1].endswith("| +0.000 [+0.000, +0.000] (2 seeds) |")  # paired by seed
     assert out.read_text() in capsys.readouterr().out + "\n"
+    assert cli.main(["compare", str(ci_run), str(ci_run), "--paired", "pruned", "--paired", "koff",
+                     "--out", str(out)]) == 0
+    header = out.read_text().splitlines()[0]
+    assert header.endswith(f"| {results['settings']['pruned']} loss - first run [95% CI] | "
+                           f"{results['settings']['koff']} loss - first run [95% CI] |")
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ci |")]
+    assert rows[0].endswith("| reference | reference |")
+    assert rows[1].endswith("| +0.000 [+0.000, +0.000] (2 seeds) | +0.000 [+0.000, +0.000] (2 seeds) |")
     (tmp_path / "unfinished").mkdir()
     shutil.copy(ci_run / "config.json", tmp_path / "unfinished" / "config.json")
     with pytest.raises(SystemExit, match="no eval.json"):

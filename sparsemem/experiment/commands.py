@@ -83,7 +83,7 @@ def _compare(args: argparse.Namespace) -> int:
     if unfinished:
         raise SystemExit(f"no eval.json in {', '.join(unfinished)}: finish (or resume) those runs with "
                          "`sparsemem run --config ... --workdir ...` first")
-    table = comparison_table(runs)
+    table = comparison_table(runs, tuple(args.paired or ("koff",)))
     print(table)
     if args.out:
         with open(args.out, "w") as f:
@@ -151,6 +151,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("compare", help="one table row per finished run: perplexity per setting, swap, MC, LAPE")
     p.add_argument("workdirs", nargs="+", help="run directories, e.g. runs/demo_06 runs/demo runs/demo_25")
     p.add_argument("--out", default=None, help="also write the markdown table to this file")
+    p.add_argument("--paired", action="append", metavar="SETTING",
+                   help="a setting whose loss each run is compared with the first run's, paired by seed and "
+                        "document (repeatable; default: koff)")
     p.set_defaults(func=_compare)
     p = subparsers.add_parser("export", help="compact a trained run's backbone and export its memory modules",
                               description="Export a trained run: compacted backbone + one memory module per "

@@ -129,20 +129,21 @@ def _mean_sd(values: list[float]) -> str:
     return f"{np.mean(values):.3f} +- {np.std(values, ddof=1):.3f}"
 
 
-def comparison_table(runs: list[RunDir]) -> str:
+def comparison_table(runs: list[RunDir], paired: tuple[str, ...] = ("koff",)) -> str:
     """One row per run: sparsity, seeds, geo-mean perplexity per setting (mean +- sd across seeds), swap wins,
-    MC accuracy, the LAPE effect of KOFF's mask (seed 0) with its interval, and KOFF's loss against the first
-    run's with an interval paired by seed and document (`vs_first_run`)."""
+    MC accuracy, the LAPE effect of KOFF's mask (seed 0) with its interval, and for each setting in `paired`
+    its loss against the first run's with an interval paired by seed and document (`vs_first_run`)."""
     evals = [seed_evals(run) for run in runs]
     settings = list(dict.fromkeys(name for seeds in evals for name in seeds[0]["perplexity"]))
     accuracies = [[mc_by_task(results)[0] for results in seeds] for seeds in evals]
     tasks = list(dict.fromkeys(task for seeds in accuracies for task in seeds[0]))
     header = (["run", "sparsity", "seeds"] + [evals[0][0]["settings"].get(n, n) for n in settings]
               + ["own memory best"] + [f"MC {task} (KOFF)" for task in tasks]
-              + ["LAPE: specific neurons removed vs chance (KOFF)", "KOFF loss - first run [95% CI]"])
-    vs_first = vs_first_run(evals, resamples=runs[0].config().eval.resamples)
+              + ["LAPE: specific neurons removed vs chance (KOFF)"]
+              + [f"{evals[0][0]['settings'].get(n, n)} loss - first run [95% CI]" for n in paired])
+    vs_first = zip(*(vs_first_run(evals, n, resamples=runs[0].config().eval.resamples) for n in paired))
     rows = []
-    for run, seeds, accuracy, difference in zip(runs, evals, accuracies, vs_first):
+    for run, seeds, accuracy, differences in zip(runs, evals, accuracies, vs_first):
         analysis = run.read_json("analysis.json") or {"tests": {}}
         specific = analysis["tests"].get("koff", {}).get("specific", {}).get("effect")
         rows.append([run.path.name, run.config().koff.target_sparsity, len(seeds)]
@@ -151,7 +152,7 @@ def comparison_table(runs: list[RunDir]) -> str:
                     + [f"{seeds[0]['swap']['diagonal_wins']}/{len(seeds[0]['domains'])}"]
                     + [_mean_sd([a.get(task, {}).get("koff", {}).get("mean", float("nan")) for a in accuracy])
                        for task in tasks]
-                    + [str(bootstrap.Interval(**specific)) if specific else "n/a", difference])
+                    + [str(bootstrap.Interval(**specific)) if specific else "n/a", *differences])
     return _table(header, rows)
 
 
