@@ -12,6 +12,7 @@ from sparsemem.checkpoints.run_state import CheckpointLayoutError, RunCheckpoint
 from sparsemem.koff.config import KoffConfig
 from sparsemem.models.config import preset
 from sparsemem.models.decoder import Decoder
+from sparsemem.parallel import multihost
 from sparsemem.parallel.mesh import make_mesh
 from sparsemem.train import KoffTrainer
 from sparsemem.train.loop import NonFiniteLossError, train
@@ -96,6 +97,20 @@ def test_eval_memory_matters_and_unknown_domains_are_refused(trainer):
     assert abs(realised - 0.2) < 0.01
     with pytest.raises(ValueError, match="unknown domain id 7"):
         trainer.train_step(state, make_batch(0, [7] * B))
+
+
+def test_eval_steps_through_the_empty_batches_of_a_shorter_shard_and_they_count_nothing(trainer, monkeypatch):
+    """A process whose shard has fewer batches pads with empty ones (multihost.padded_to_longest): it takes part
+    in every step, and the padding adds no token and no loss."""
+    state = trainer.init(DOMAIN_TOKENS)
+    alone = trainer.evaluate(state, BATCHES[:2])
+    monkeypatch.setattr(multihost, "allgather_json", lambda count: [count, count + 2])  # the other shard: 2 more
+    steps = []
+    eval_step = trainer.eval_step
+    monkeypatch.setattr(trainer, "eval_step", lambda *args: steps.append(args[1]) or eval_step(*args))
+    padded = trainer.evaluate(state, BATCHES[:2])
+    assert len(steps) == 4 and all(not np.any(batch["loss_mask"]) for batch in steps[2:])
+    jax.tree.map(np.testing.assert_array_equal, padded, alone)
 
 
 def test_after_the_gate_steps_only_memory_trains_under_the_final_mask(decoder):
